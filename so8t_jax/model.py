@@ -61,8 +61,13 @@ def _activation(cfg: ModelConfig, x):
     return jax.nn.silu(x)
 
 
-def rope_tables(cfg: ModelConfig, positions_BxT, local: bool = False):
-    """cos, sin [B, T, rotary_dim] in float32, HF's non-interleaved (rotate_half) layout."""
+def rope_tables(cfg: ModelConfig, positions_BxT, local: bool = False, context_len: int | None = None):
+    """cos, sin [B, T, rotary_dim] in float32, HF's non-interleaved (rotate_half) layout.
+
+    LongRoPE picks its long factors when the context outgrows rope_original_max: the context is
+    `context_len` when given (a KV cache's capacity, as llama.cpp decides by n_ctx, so every cached key is
+    rotated alike), else the longest position in the batch (as transformers decides for a full forward).
+    """
     rd = cfg.rotary_dim
     theta = cfg.rope_local_theta if local else cfg.rope_theta
     inv_freq = 1.0 / (theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd))
@@ -74,7 +79,8 @@ def rope_tables(cfg: ModelConfig, positions_BxT, local: bool = False):
             if cfg.rope_factors_long is not None and cfg.rope_original_max:
                 long = jnp.asarray(inv_freq / np.asarray(cfg.rope_factors_long), jnp.float32)
                 # LongRoPE: the long factors apply once the sequence outgrows the original context.
-                use_long = jnp.max(positions_BxT) + 1 > cfg.rope_original_max
+                use_long = (context_len if context_len is not None else jnp.max(positions_BxT) + 1) \
+                    > cfg.rope_original_max
                 inv_freq = jnp.where(use_long, long, short)
             else:
                 inv_freq = short
@@ -186,7 +192,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
     else:
         k_pos, k_valid = positions_BxT, valid_BxT
     biases = _mask_biases(cfg, positions_BxT, k_pos, k_valid)
-    rope_global = rope_tables(cfg, positions_BxT)
+    context_len = None if cache is None else cache.pos_BxS.shape[1]
+    rope_global = rope_tables(cfg, positions_BxT, context_len=context_len)
     rope_local = rope_tables(cfg, positions_BxT, local=True) if cfg.rope_local_theta is not None else None
     sliding_Y = jnp.asarray(cfg.is_sliding)
 

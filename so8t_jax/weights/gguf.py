@@ -84,7 +84,7 @@ class GGUFFile:
             raise common.WeightsError(self.path, f"unsupported GGUF version {version}")
         n_tensors, n_kv = cur.scalar("<Q", "tensor count"), cur.scalar("<Q", "metadata count")
         if n_tensors > cur.size // 24 or n_kv > cur.size // 12:  # each entry needs at least that many bytes
-            raise common.WeightsError(self.path, f"corrupt header: {n_tensors} tensors / {n_kv} metadata "
+            raise common.WeightsError(self.path, f"truncated or corrupt header: {n_tensors} tensors / {n_kv} metadata "
                                                  f"entries cannot fit in {cur.size} bytes")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
@@ -175,11 +175,18 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         raise common.WeightsError(f.path, f"unsupported rope scaling type {scaling!r}")
     window = _meta(f, a + "attention.sliding_window")
     if arch == "gemma3":
-        # llama.cpp's gemma3: every 6th layer is global, local layers use theta 10000; the attention scale
-        # is 1/sqrt(key_length) except for the 27B, which uses d_model / heads as query_pre_attn_scalar.
+        # llama.cpp's gemma3: without a sliding_window_pattern array every 6th layer is global; local layers
+        # use rope.freq_base_swa (default 10000); the attention scale is 1/sqrt(key_length) except for the
+        # 27B, which uses d_model / heads as query_pre_attn_scalar.
+        pattern = f.metadata.get(a + "attention.sliding_window_pattern")
+        if pattern is not None and len(pattern) != n_layers:
+            raise common.WeightsError(f.path, f"sliding_window_pattern has {len(pattern)} entries for "
+                                              f"{n_layers} layers")
+        sliding = tuple(bool(x) for x in pattern) if pattern is not None else \
+            tuple((i + 1) % 6 != 0 for i in range(n_layers))
         kw.update(activation="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=True,
-                  rope_local_theta=10000.0, sliding_window=int(window or 4096),
-                  sliding_layers=tuple((i + 1) % 6 != 0 for i in range(n_layers)),
+                  rope_local_theta=float(_meta(f, a + "rope.freq_base_swa", 10000.0)),
+                  sliding_window=int(window or 4096), sliding_layers=sliding,
                   query_scale=(d / n_heads if n_layers == 62 else head_dim) ** -0.5)
     elif arch == "phi3" and window:
         kw.update(sliding_window=int(window), sliding_layers=(True,) * n_layers)
