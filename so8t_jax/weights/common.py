@@ -58,7 +58,7 @@ def assemble(cfg: ModelConfig, fmt: str, read: Callable[[str], np.ndarray], dtyp
     params: dict = {"layers": {}}
     stacks: dict[str, np.ndarray] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for (entry, i), parts in zip(jobs, pool.map(work, jobs)):
+        for (_, i), parts in zip(jobs, pool.map(work, jobs)):
             for part, w in parts.items():
                 if i is None:
                     params[part] = jnp.asarray(w, dtype)
