@@ -8,13 +8,11 @@ GGUF's tensors with the HF folder's own config.
 
 import math
 
+import gguf
 import numpy as np
 import pytest
-
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
+import torch
+import transformers
 from fixtures import (
     CHATML_TEMPLATE,
     KQUANT_OVERRIDES,
