@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from so8t_jax import losses
+from so8t_jax import losses, sampling
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 
@@ -117,6 +117,62 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     return optax.chain(*parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Where each step's completions come from (GKD). One uniform draw per step from the step's rng, the same
+    on every device and host: < lmbda -> the student samples them; else with seq_kd the teacher generates
+    them; else the dataset's own completions. Sampled completions end at the first EOS (labels -100 after)."""
+    lmbda: float = 0.0
+    seq_kd: bool = False
+    temperature: float = 0.9
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"policy.lmbda must be in [0, 1], got {self.lmbda}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"policy.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        sampling.Sampler(self.temperature, self.top_k, self.top_p)  # validates the sampling values
+
+    @property
+    def generates(self) -> bool:
+        return self.lmbda > 0 or self.seq_kd
+
+
+SOURCES = ("dataset", "student", "teacher")
+
+
+def choose_source(rng, policy: PolicyConfig) -> jax.Array:
+    """0 dataset, 1 student (on-policy), 2 teacher (seq_kd): the step's single seeded draw."""
+    on_policy = jax.random.uniform(jax.random.fold_in(rng, 0)) < policy.lmbda
+    return jnp.where(on_policy, 1, 2 if policy.seq_kd else 0).astype(jnp.int32)
+
+
+def completions_view(batch, source, student_params, teacher_params, s_cfg, t_cfg, policy: PolicyConfig, key):
+    """The training view (input_ids, attention_mask, labels) of the chosen source, for prompts in
+    batch["prompt_ids"/"prompt_mask"] (left-padded [B, P]); dataset rows are batch's own view ([B, P+N])."""
+    sampler = sampling.Sampler(policy.temperature, policy.top_k, policy.top_p)
+
+    def generated(params, cfg):
+        out = sampling.sample(jax.lax.stop_gradient(params), cfg, batch["prompt_ids"], batch["prompt_mask"], key,
+                              max_new_tokens=policy.max_new_tokens, sampler=sampler, eos_ids=policy.eos_ids,
+                              pad_id=policy.pad_id)
+        labels = jnp.where(out.completion_mask_BxL > 0, out.sequence_BxL, IGNORE)
+        return {"input_ids": out.sequence_BxL, "attention_mask": out.sequence_mask_BxL, "labels": labels}
+
+    def dataset():
+        return {k: batch[k].astype(jnp.int32) for k in ("input_ids", "attention_mask", "labels")}
+
+    branches = [dataset, lambda: generated(student_params, s_cfg)]
+    if policy.seq_kd:
+        branches.append(lambda: generated(teacher_params, t_cfg))
+    return jax.lax.switch(jnp.minimum(source, len(branches) - 1), branches)
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -201,8 +257,9 @@ def _tree_norm(tree):
 
 
 def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-              axis_name: str | None = None):
-    """The per-device step body. With axis_name (pmap), counts and gradients are summed across devices."""
+              axis_name: str | None = None, policy: PolicyConfig | None = None):
+    """The per-device step body. With axis_name (pmap), counts and gradients are summed across devices.
+    With a generating policy the batch must also carry prompt_ids / prompt_mask (see data.Batcher)."""
     optimizer = make_optimizer(optim_cfg)
     schedule = make_schedule(optim_cfg)
     accum = optim_cfg.grad_accum_steps
@@ -217,8 +274,23 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
         (_, terms), grads = jax.value_and_grad(f, has_aux=True)(trainable)
         return grads, terms
 
+    def mix(state, teacher_params, batch, rng):
+        source = choose_source(rng, policy)
+        key = jax.random.fold_in(rng, 1)
+        if axis_name is not None:  # each device samples its own shard of prompts
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        lead = batch["prompt_ids"].shape[:-1]  # [B] or [A, B] with accumulation
+
+        def flat(x):
+            return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
+        view = completions_view(jax.tree_util.tree_map(flat, batch), source, state.params["student"],
+                                teacher_params, s_cfg, t_cfg, policy, key)
+        return jax.tree_util.tree_map(lambda x: x.reshape(*lead, x.shape[-1]), view), source
+
     def step(state: TrainState, teacher_params, batch, rng):
-        del rng  # the on-policy branch draws from it
+        source = jnp.zeros((), jnp.int32)
+        if policy is not None and policy.generates:
+            batch, source = mix(state, teacher_params, batch, rng)
         counts = reduce(count_targets(batch["labels"]))
         if accum == 1:
             grads, terms = grads_of(state.params, teacher_params, batch, counts)
@@ -242,7 +314,8 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
                    "grad_norm": grad_norm, "param_norm": _tree_norm(params), "update_norm": _tree_norm(updates),
                    "clipped": (grad_norm > optim_cfg.max_grad_norm).astype(jnp.float32)
                    if optim_cfg.max_grad_norm > 0 else jnp.zeros(()),
-                   "lr": lr, "num_targets": counts["targets"]}
+                   "lr": lr, "num_targets": counts["targets"], "source": source.astype(jnp.float32),
+                   "on_policy": (source == 1).astype(jnp.float32)}
         new_state = TrainState(state.step + 1, params, opt_state, state.lr_scale)
         return new_state, metrics
 
@@ -257,10 +330,10 @@ def jit_step(step):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def pmap_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name="data"):
+def pmap_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name="data", policy: PolicyConfig | None = None):
     """jax.pmap over local devices: state replicated, teacher broadcast, batch split on a leading device
     axis ([n_dev, B/n_dev, ...], see `shard_for_pmap`), gradients summed with lax.psum."""
-    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name=axis_name)
+    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name=axis_name, policy=policy)
     return jax.pmap(step, axis_name=axis_name, in_axes=(0, None, 0, None), donate_argnums=(0,)), optimizer
 
 
@@ -298,11 +371,12 @@ def _teacher_spec(x, n: int, axis_name: str):
     return P()
 
 
-def mesh_step(s_cfg, t_cfg, loss_cfg, optim_cfg, mesh: Mesh, shard_teacher: bool = True, axis_name="data"):
+def mesh_step(s_cfg, t_cfg, loss_cfg, optim_cfg, mesh: Mesh, shard_teacher: bool = True, axis_name="data",
+              policy: PolicyConfig | None = None):
     """jax.jit over a Mesh: state replicated, batch split on the data axis, teacher params optionally sharded
     across devices (XLA gathers them layer by layer) so a teacher larger than one device fits.
     Returns (step, optimizer, place) where place(state, teacher, batch) puts arrays on their shardings."""
-    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg)
+    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
     n = mesh.devices.size
     replicated = NamedSharding(mesh, P())
 
@@ -321,8 +395,3 @@ def mesh_step(s_cfg, t_cfg, loss_cfg, optim_cfg, mesh: Mesh, shard_teacher: bool
 
     jitted = jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
     return jitted, optimizer, place
-
-
-__all__ = ["LossConfig", "OptimConfig", "TrainState", "init_state", "jit_step", "loss_terms", "make_mesh",
-           "make_optimizer", "make_schedule", "make_step", "mesh_step", "pmap_step", "replicate", "shard_for_pmap",
-           "count_targets"]

