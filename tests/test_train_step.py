@@ -256,7 +256,7 @@ def test_source_frequency_matches_lmbda():
     n = 4000
     for lmbda in (0.0, 0.3, 0.5, 1.0):
         policy = train_step.PolicyConfig(lmbda=lmbda)
-        sources = jax.vmap(lambda k: train_step.choose_source(k, policy))(
+        sources = jax.vmap(lambda k, p=policy: train_step.choose_source(k, p))(
             jax.random.split(jax.random.key(7), n))
         frac = float(jnp.mean(sources == 1))
         bound = 4 * np.sqrt(lmbda * (1 - lmbda) / n) + 1e-9  # 4 sigma of a binomial proportion
