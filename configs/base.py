@@ -79,11 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 50          # log a few sample completions to TensorBoard
 
     c.stability = ml_collections.ConfigDict()
-    c.stability.every_n = 1
-    c.stability.spike_factor = 5.0
+    c.stability.every_n = 10           # record per-layer weight norms every N steps
+    c.stability.spike_factor = 5.0     # loss > k x running median of healthy losses
     c.stability.window = 20
     c.stability.min_history = 10
-    c.stability.grad_explosion_factor = 50.0
+    c.stability.max_grad_norm_factor = 50.0
+    c.stability.max_grad_norm = 0.0    # absolute grad-norm ceiling (0: off)
     c.stability.collapse_eps = 0.05
     c.stability.explode_factor = 20.0
     c.stability.snapshot_every = 25

@@ -90,22 +90,28 @@ def load(path, dtype="float32") -> Model:
 
 def convert(src, out_dir, dtype="float32") -> pathlib.Path:
     """Convert a GGUF file or HF folder once into Orbax params + config JSON (+ tokenizer) that `load` reads."""
+    m = load(src, dtype)
+    return save_converted(m.config, m.params, m.tokenizer, out_dir, source=m.source)
+
+
+def save_converted(cfg: ModelConfig, params, tokenizer, out_dir, source="") -> pathlib.Path:
+    """Write params (Orbax) + config JSON (+ tokenizer) as a folder `load` reads. The config JSON is written
+    last and atomically: its presence means the folder is complete."""
     import orbax.checkpoint as ocp
 
-    m = load(src, dtype)
     out = pathlib.Path(out_dir).absolute()
     if (out / "params").exists():
         shutil.rmtree(out / "params")
     out.mkdir(parents=True, exist_ok=True)
+    (out / CONVERTED_CONFIG).unlink(missing_ok=True)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(out / "params", m.params)
-    tok = m.tokenizer
-    if tok is not None:
-        tok.save_pretrained(str(out))
+        ckpt.save(out / "params", params)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
     tmp = out / (CONVERTED_CONFIG + ".tmp")
-    tmp.write_text(json.dumps({"model": m.config.to_dict(), "source": str(m.source),
-                               "dtype": jnp.dtype(_dtype(dtype)).name}, indent=2))
-    tmp.replace(out / CONVERTED_CONFIG)  # written last and atomically: its presence means complete
+    tmp.write_text(json.dumps({"model": cfg.to_dict(), "source": str(source), "dtype": dtype}, indent=2))
+    tmp.replace(out / CONVERTED_CONFIG)
     return out
 
 

@@ -288,6 +288,8 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
         return jax.tree_util.tree_map(lambda x: x.reshape(*lead, x.shape[-1]), view), source
 
     def step(state: TrainState, teacher_params, batch, rng):
+        batch = dict(batch)
+        poison = batch.pop("poison", None)  # tests: a NaN added to every gradient exercises the rollback path
         source = jnp.zeros((), jnp.int32)
         if policy is not None and policy.generates:
             batch, source = mix(state, teacher_params, batch, rng)
@@ -303,6 +305,8 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
             (grads, terms), _ = jax.lax.scan(body, zeros, batch)
         # Each device's loss is its share of the global mean, so the global gradient is the SUM over devices.
         grads, terms = reduce(grads), reduce(terms)
+        if poison is not None:
+            grads = jax.tree_util.tree_map(lambda g: g + poison.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=terms["loss"])
         updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
@@ -352,7 +356,8 @@ def shard_for_pmap(batch, n_devices: int):
         return jnp.moveaxis(x.reshape(shape), batch_axis, 0)
 
     accum = batch["input_ids"].ndim == 3
-    return jax.tree_util.tree_map(lambda x: one(x, 1 if accum else 0), batch)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(x, (n_devices,)) if x.ndim == 0 else one(x, 1 if accum else 0), batch)
 
 
 def make_mesh(devices=None, axis_name="data") -> Mesh:
@@ -381,6 +386,8 @@ def mesh_step(s_cfg, t_cfg, loss_cfg, optim_cfg, mesh: Mesh, shard_teacher: bool
     replicated = NamedSharding(mesh, P())
 
     def batch_sharding(x):
+        if x.ndim == 0:
+            return replicated
         return NamedSharding(mesh, P(None, axis_name) if x.ndim == 3 else P(axis_name))
 
     def teacher_sharding(teacher):
@@ -388,9 +395,13 @@ def mesh_step(s_cfg, t_cfg, loss_cfg, optim_cfg, mesh: Mesh, shard_teacher: bool
             lambda x: NamedSharding(mesh, _teacher_spec(x, n, axis_name)) if shard_teacher else replicated, teacher)
 
     def place(state, teacher, batch):
-        state = jax.device_put(state, replicated)
-        teacher = jax.device_put(teacher, teacher_sharding(teacher))
-        batch = jax.device_put(batch, jax.tree_util.tree_map(batch_sharding, batch))
+        """Put each given tree on its sharding (None passes through)."""
+        if state is not None:
+            state = jax.device_put(state, replicated)
+        if teacher is not None:
+            teacher = jax.device_put(teacher, teacher_sharding(teacher))
+        if batch is not None:
+            batch = jax.device_put(batch, jax.tree_util.tree_map(batch_sharding, batch))
         return state, teacher, batch
 
     jitted = jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))

@@ -1,0 +1,23 @@
+"""Distil a teacher into a student: the main job.
+
+    python scripts/train.py                                   # configs/gkd.py: SmolLM2 teacher, on-policy GKD
+    python scripts/train.py --config configs/so8t_kd.py
+    python scripts/train.py --config gkd.py --config.train.steps=1000 --config.policy.lmbda=0.7
+    python scripts/train.py --config smoke.py --teacher model.gguf --output checkpoints --steps 20 --samples 200
+
+--config takes a file or a bare name looked up in configs/. Shortcuts (the seed runner's flags): --teacher
+(teacher.path), --output (output_dir), --steps (train.steps), --epochs (train.epochs), --samples (the N of
+data.source=builtin:diverse:N), --resume / --noresume (train.resume).
+"""
+import os
+import sys
+
+# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the configs package
+
+from so8t_jax.cli import run_train  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_train(sys.argv))

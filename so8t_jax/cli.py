@@ -1,0 +1,88 @@
+"""Flag parsing for scripts/train.py: an ml_collections config file (a path or a bare name in configs/),
+`--config.key=value` overrides, and the seed runner's shortcuts."""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+SHORTCUTS = {"teacher": "teacher.path", "output": "output_dir", "steps": "train.steps", "epochs": "train.epochs",
+             "run_name": "run_name"}
+
+
+def resolve_config_path(value: str) -> str:
+    """`configs/gkd.py`, `gkd.py` or `gkd` (a bare name that is not a file is looked up in configs/)."""
+    path = pathlib.Path(value.split(":")[0])
+    if path.exists():
+        return value
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / (path.name + ".py")):
+        if candidate.exists():
+            return str(candidate) + value[len(value.split(":")[0]):]
+    raise SystemExit(f"--config: no config file {value!r} (looked in {CONFIG_DIR})")
+
+
+def _fix_config_arg(argv: list[str]) -> list[str]:
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            out.append("--config=" + resolve_config_path(a.split("=", 1)[1]))
+        elif i > 0 and argv[i - 1] == "--config":
+            out.append(resolve_config_path(a))
+        else:
+            out.append(a)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        out.insert(1, f"--config={CONFIG_DIR / 'gkd.py'}")  # before any --config.key override
+    return out
+
+
+def run_train(argv: list[str]) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("teacher", None, "teacher GGUF file or HF folder (teacher.path)")
+    flags.DEFINE_string("output", None, "output folder (output_dir); the run writes <output>/<run_name>/")
+    flags.DEFINE_integer("steps", None, "training steps (train.steps)")
+    flags.DEFINE_integer("epochs", None, "epochs over the training rows (train.epochs)")
+    flags.DEFINE_integer("samples", None, "number of builtin:diverse prompts")
+    flags.DEFINE_string("run_name", None, "run folder name (run_name)")
+    flags.DEFINE_bool("resume", None, "continue from the run's latest checkpoint (train.resume)")
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file or name in configs/",
+                                    lock_config=True)
+    FLAGS = flags.FLAGS
+
+    def main(_):
+        import logging as py_logging
+
+        from absl import logging
+        from so8t_jax.trainer import train
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+        py_logging.getLogger("absl").setLevel(py_logging.WARNING)
+        config = FLAGS.config
+        with config.unlocked():
+            for flag, key in SHORTCUTS.items():
+                value = getattr(FLAGS, flag)
+                if value is not None:
+                    _set(config, key, value)
+            if FLAGS.samples is not None:
+                config.data.source = f"builtin:diverse:{FLAGS.samples}"
+            if FLAGS.resume is not None:
+                config.train.resume = FLAGS.resume
+        results = train(config)
+        print(json.dumps({k: results[k] for k in ("run", "steps", "compression_ratio", "loss", "evaluation",
+                                                  "wall_time_s", "tokens_per_s")}, indent=2))
+
+    if str(CONFIG_DIR.parent) not in sys.path:
+        sys.path.insert(0, str(CONFIG_DIR.parent))
+    try:
+        app.run(main, argv=_fix_config_arg(argv))
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else (print(e.code, file=sys.stderr) or 2)
+    return 0
+
+
+def _set(config, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        config = getattr(config, p)
+    setattr(config, leaf, value)

@@ -1,0 +1,169 @@
+"""Run set-up and outputs around the trainer: config validation, the student cut from its teacher, and the
+results JSON + model card (written atomically)."""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from so8t_jax import stability, train_step
+from so8t_jax.config import ConfigError
+from so8t_jax.loading import _DTYPES, Model
+
+MODES = ("single", "pmap", "mesh")
+STUDENT_INITS = ("from_teacher", "random", "path")
+
+
+def _flat(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config(config) -> None:
+    """Every problem a config can have, found before any model is loaded: unknown keys (against
+    configs/base.py), out-of-range values, a missing teacher file. Raises ConfigError naming the key."""
+    from configs import base
+    known = _flat(base.get_config().to_dict())
+    given = _flat(config.to_dict())
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, 1)
+            raise ConfigError(f"config: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    c = config
+
+    def need(ok, key, rule):
+        if not ok:
+            raise ConfigError(f"config: {key} must be {rule}, got {given[key]!r}")
+    need(c.parallel.mode in MODES, "parallel.mode", f"one of {MODES}")
+    need(c.student.init in STUDENT_INITS, "student.init", f"one of {STUDENT_INITS}")
+    need(c.student.layers >= 1, "student.layers", ">= 1")
+    need(c.student.init != "path" or c.student.path, "student.path", "set when student.init is 'path'")
+    for key in ("teacher.dtype", "student.dtype"):
+        need(given[key] in _DTYPES, key, f"one of {sorted(_DTYPES)}")
+    need(0.0 <= c.data.heldout_fraction < 1.0, "data.heldout_fraction", "in [0, 1)")
+    need(c.data.max_prompt_len <= max(c.data.prompt_buckets), "data.max_prompt_len",
+         f"<= the largest prompt bucket ({max(c.data.prompt_buckets)})")
+    need(c.train.steps >= 1, "train.steps", ">= 1")
+    need(c.train.epochs >= 0, "train.epochs", ">= 0")
+    need(c.train.batch_size >= 1, "train.batch_size", ">= 1")
+    for key in ("eval_every", "checkpoint_every", "sample_every"):
+        need(given[f"train.{key}"] >= 0, f"train.{key}", ">= 0")
+    need(c.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1")
+    if c.parallel.mode == "pmap":
+        need(c.train.batch_size % jax.local_device_count() == 0, "train.batch_size",
+             f"a multiple of the {jax.local_device_count()} local devices (pmap)")
+    try:
+        train_step.LossConfig(**c.loss.to_dict())
+        train_step.OptimConfig(total_steps=c.train.steps, **c.optim.to_dict())
+        train_step.PolicyConfig(**{k: v for k, v in c.policy.to_dict().items()})
+        stability.StabilityConfig(**c.stability.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config: {e}") from e
+    if c.teacher.path not in ("smollm2", "") and not pathlib.Path(c.teacher.path).exists():
+        raise ConfigError(f"config: teacher.path {c.teacher.path!r} does not exist")
+    if c.student.init == "path" and not pathlib.Path(c.student.path).exists():
+        raise ConfigError(f"config: student.path {c.student.path!r} does not exist")
+
+
+def student_from_teacher(teacher: Model, n_layers: int, dtype) -> Model:
+    """Copy embeddings, norms, lm_head and `n_layers` evenly spaced layers (first and last included)."""
+    n_t = teacher.config.n_layers
+    if n_layers > n_t:
+        raise ConfigError(f"config: student.layers ({n_layers}) exceeds the teacher's {n_t} layers")
+    idx = np.unique(np.round(np.linspace(0, n_t - 1, n_layers)).astype(int))
+    cfg = teacher.config.replace(
+        n_layers=len(idx),
+        sliding_layers=None if teacher.config.sliding_layers is None
+        else tuple(teacher.config.sliding_layers[i] for i in idx))
+    params = dict(teacher.params, layers=jax.tree_util.tree_map(lambda x: x[idx], teacher.params["layers"]))
+    # copies: the student's buffers are donated to the step and must not alias the teacher's
+    params = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=_DTYPES[dtype], copy=True), params)
+    return Model(cfg, params, teacher.source, _tokenizer=teacher.tokenizer)
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    """Atomic: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+    os.replace(tmp, path)
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(run_dir, config, teacher: Model, student: Model, final_state, host, meta, heldout_after,
+                  resumed_from, policy_rb, vocab_note) -> dict:
+    losses = [h["loss"] for h in host["history"]]
+    n_t, n_s = teacher.num_params, student.num_params
+    elapsed = meta["elapsed"]
+    results = {
+        "run": config.run_name, "config": config.to_dict(),
+        "teacher": {"path": str(teacher.source), "params": n_t, "layers": teacher.config.n_layers,
+                    "family": teacher.config.family},
+        "student": {"params": n_s, "layers": student.config.n_layers, "init": config.student.init,
+                    "path": str(pathlib.Path(run_dir) / "student")},
+        "compression_ratio": round(n_t / n_s, 3),
+        "steps": int(final_state.step), "resumed_from": resumed_from,
+        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                 "min": min(losses) if losses else None,
+                 "mean_last_10": float(np.mean(losses[-10:])) if losses else None},
+        "evaluation": {"heldout_loss_history": host["eval"], "heldout_loss_final": heldout_after},
+        "rollbacks": policy_rb.rollbacks, "rollback_events": policy_rb.events,
+        "wall_time_s": round(elapsed, 2), "tokens": host["tokens"],
+        "tokens_per_s": round(host["tokens"] / elapsed, 1) if elapsed > 0 else None,
+        "vocab_note": vocab_note,
+    }
+    write_text(pathlib.Path(run_dir) / "README.md", model_card(results, config))
+    return results
+
+
+def model_card(r: dict, config) -> str:
+    c = config
+    objective = (f"{c.loss.divergence} (jsd_beta {c.loss.jsd_beta}, tau {c.loss.temperature}) x {c.loss.kd_weight}"
+                 f" + CE x {c.loss.ce_weight} + hidden x {c.loss.hidden_weight} + relational x {c.loss.so8t_weight}"
+                 f" + PET x {c.loss.pet_weight}; completions: student with probability lmbda={c.policy.lmbda}"
+                 f" (sampling temperature {c.policy.temperature}), "
+                 + ("teacher otherwise (seq_kd)" if c.policy.seq_kd else "dataset otherwise"))
+    return f"""# {r['run']}: a student distilled with so8t_jax
+
+| | |
+|---|---|
+| teacher | `{r['teacher']['path']}` ({r['teacher']['family']}, {r['teacher']['layers']} layers, \
+{r['teacher']['params']:,} parameters) |
+| student | {r['student']['layers']} layers, {r['student']['params']:,} parameters (init: {r['student']['init']}) |
+| compression | {r['compression_ratio']}x fewer parameters |
+| data | `{c.data.source}` (held out: {c.data.heldout_fraction:.0%}) |
+| objective | {objective} |
+| steps | {r['steps']} (batch {c.train.batch_size}), {r['wall_time_s']} s, {r['tokens_per_s']} tokens/s |
+| loss | first {r['loss']['first']}, last {r['loss']['last']}, min {r['loss']['min']} |
+| held-out loss (final) | {r['evaluation']['heldout_loss_final']} |
+| rollbacks | {r['rollbacks']} |
+
+## Load it
+
+```python
+import so8t_jax
+student = so8t_jax.load("{r['student']['path']}")
+print(so8t_jax.generate(student, ["What is the capital of France?"], max_new_tokens=32))
+```
+
+Training state (optimizer included) is in `orbax/` (steps, best, final); the audit trail in `audit.sqlite`
+(`python scripts/audit.py verify {pathlib.Path(r['student']['path']).parent}`); curves in `tensorboard/`.
+"""
