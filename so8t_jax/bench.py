@@ -89,4 +89,53 @@ def bench_forward(args):
     yield row
 
 
-BENCHMARKS = {"load": bench_load, "forward": bench_forward}
+def bench_generate(args):
+    """Generation tokens/s of the compiled KV-cache sampler (EOS off, so every row makes --new tokens)."""
+    from so8t_jax.sampling import GREEDY, Sampler, make_sample_fn
+    if args.path:
+        m = load(args.path, args.dtype)
+        cfg, params = m.config, m.params
+    else:
+        cfg = ModelConfig.preset(args.preset)
+        params = model_lib.init_params(cfg, jax.random.key(0), _dtype(args.dtype))
+    prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 3, cfg.vocab_size)
+    mask = jnp.ones_like(prompt)
+    for name, sampler in (("greedy", GREEDY), ("temperature_0.9_top_p_0.95", Sampler(0.9, 0, 0.95))):
+        fn = make_sample_fn(cfg, args.new, sampler, (), 0)
+        seconds = _median_time(lambda f=fn: jax.block_until_ready(f(params, prompt, mask, jax.random.key(2))),
+                               args.repeats)
+        yield {"bench": "generate", "model": args.path or args.preset, "sampler": name, "dtype": args.dtype,
+               "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new,
+               "seconds": round(seconds, 3), "tokens_per_s": round(args.batch * args.new / seconds, 1), **machine()}
+
+
+def bench_step(args):
+    """Distillation step time: teacher (preset, random weights) -> student of --student-layers, offline (lmbda 0)
+    and on-policy (lmbda 1: the student samples --new tokens inside the compiled step)."""
+    from so8t_jax import train_step
+    t_cfg = ModelConfig.preset(args.teacher_preset)
+    s_cfg = t_cfg.replace(n_layers=args.student_layers)
+    dtype = _dtype(args.dtype)
+    teacher = model_lib.init_params(t_cfg, jax.random.key(0), dtype)
+    student = model_lib.init_params(s_cfg, jax.random.key(1), dtype)
+    p, n, b = args.prompt_len, args.new, args.batch
+    ids = jax.random.randint(jax.random.key(2), (b, p + n), 3, t_cfg.vocab_size)
+    labels = jnp.where(jnp.arange(p + n)[None] >= p, ids, -100)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": labels,
+             "prompt_ids": ids[:, :p], "prompt_mask": jnp.ones((b, p), jnp.int32)}
+    loss_cfg = train_step.LossConfig(divergence="jsd", chunk_size=args.chunk)
+    optim_cfg = train_step.OptimConfig()
+    for lmbda in (0.0, 1.0):
+        policy = train_step.PolicyConfig(lmbda=lmbda, temperature=0.9, max_new_tokens=n, eos_ids=())
+        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
+        state = train_step.init_state(student, optimizer)
+        compiled = jax.jit(step).lower(state, teacher, batch, jax.random.key(3)).compile()
+        seconds = _median_time(lambda c=compiled, s=state: jax.block_until_ready(
+            c(s, teacher, batch, jax.random.key(3))), args.repeats)
+        yield {"bench": "step", "teacher": args.teacher_preset, "student_layers": args.student_layers,
+               "lmbda": lmbda, "dtype": args.dtype, "batch": b, "prompt_len": p, "new_tokens": n,
+               "chunk": args.chunk, "seconds": round(seconds, 3),
+               "tokens_per_s": round(b * (p + n) / seconds, 1), **compiled_stats(compiled), **machine()}
+
+
+BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step}
