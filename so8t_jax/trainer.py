@@ -277,9 +277,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
 
 def _samples(cfg, params, tokenizer, rows, policy) -> list[tuple[str, str]]:
     from so8t_jax.loading import encode_prompt
-    from so8t_jax.sampling import GREEDY, left_pad, make_sample_fn
+    from so8t_jax.sampling import GREEDY, bucket_length, left_pad, make_sample_fn
     prompts = [encode_prompt(tokenizer, data.messages_for(r)) for r in rows]
-    ids, mask = left_pad(prompts, max(len(p) for p in prompts), policy.pad_id)
+    ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)), policy.pad_id)
     fn = make_sample_fn(cfg, min(policy.max_new_tokens, 48), GREEDY, policy.eos_ids, policy.pad_id)
     out = jax.device_get(fn(params, jnp.asarray(ids), jnp.asarray(mask), None))
     texts = [tokenizer.decode(t[: n], skip_special_tokens=True) for t, n in zip(out.tokens_BxN, out.lengths_B)]

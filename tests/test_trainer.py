@@ -151,6 +151,18 @@ def test_nan_every_step_stops_after_max_rollbacks(tiny_teacher, tmp_path):
     assert [e["kind"] for e in audit.show(tmp_path / "smoke")][-1] == "run_end"
 
 
+@pytest.mark.parametrize("mode", ["pmap", "mesh"])
+def test_parallel_modes_match_single_device(tiny_teacher, tmp_path, mode):
+    overrides = {"policy.lmbda": 0.0, "train.steps": 3, "train.batch_size": 8, "train.sample_every": 0}
+    single = train(tiny_config(tiny_teacher, tmp_path / "single", **overrides))
+    multi = train(tiny_config(tiny_teacher, tmp_path / mode, **overrides, **{"parallel.mode": mode,
+                                                                           "parallel.shard_teacher": True}))
+    a, _ = _final_params(tmp_path / "single/smoke")
+    b, _ = _final_params(tmp_path / mode / "smoke")
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), a["params"], b["params"])
+    assert multi["steps"] == single["steps"] == 3
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("loss.jsd_beta", 1.5, "jsd_beta must be in \\[0, 1\\]"),
     ("loss.ce_weight", -0.1, "ce_weight must be >= 0"),
