@@ -12,6 +12,7 @@ the layers are stacked on a leading Y axis and scanned, so compile time does not
             q_bias [Y, N, H], k_bias, v_bias [Y, K, H]        (attn_bias: qwen2)
             q_norm, k_norm [Y, H]                             (qk_norm: gemma3)
             post_attn_norm, post_mlp_norm [Y, D]              (post_norms: gemma3)
+            attn_gate, mlp_gate [Y, D/8, 28]  + so8t_alpha [] at the top level   (SO(8) gates, so8t.py)
 
 Norm weights are stored as the effective multiplier (gemma's 1 + w is folded in at import).
 """
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from so8t_jax import so8t
 from so8t_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -112,8 +114,12 @@ def _attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias_BxTxS):
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
-def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, biases, cache_kv):
-    """One decoder block. cache_kv: (k, v, index) for this layer or None. Returns (x, (k, v))."""
+def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, biases, cache_kv, alpha=None):
+    """One decoder block. cache_kv: (k, v, index) for this layer or None. Returns (x, (k, v)).
+
+    SO(8) gates (when p holds them) act on the o / down projection's output, before any post-norm, so
+    so8t.fold_gates can fold them into o and down exactly.
+    """
     h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
     q = jnp.einsum("BTD,DNH->BTNH", h, p["q"])
     k = jnp.einsum("BTD,DKH->BTKH", h, p["k"])
@@ -135,6 +141,8 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, bi
     bias = jnp.where(is_sliding, biases[1], biases[0]) if biases[1] is not None else biases[0]
     attn = _attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), bias)
     attn_BxTxD = jnp.einsum("BTNH,NHD->BTD", attn, p["o"])
+    if "attn_gate" in p:
+        attn_BxTxD = so8t.apply_gate(attn_BxTxD, p["attn_gate"], alpha)
     if cfg.post_norms:
         attn_BxTxD = rms_norm(attn_BxTxD, p["post_attn_norm"], cfg.norm_eps)
     x_BxTxD = x_BxTxD + attn_BxTxD
@@ -142,6 +150,8 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, bi
     gate_BxTxF = _activation(cfg, jnp.einsum("BTD,DF->BTF", h, p["gate"]))
     up_BxTxF = jnp.einsum("BTD,DF->BTF", h, p["up"])
     mlp_BxTxD = jnp.einsum("BTF,FD->BTD", gate_BxTxF * up_BxTxF, p["down"])
+    if "mlp_gate" in p:
+        mlp_BxTxD = so8t.apply_gate(mlp_BxTxD, p["mlp_gate"], alpha)
     if cfg.post_norms:
         mlp_BxTxD = rms_norm(mlp_BxTxD, p["post_mlp_norm"], cfg.norm_eps)
     return x_BxTxD + mlp_BxTxD, (k, v)
@@ -196,11 +206,13 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
     rope_global = rope_tables(cfg, positions_BxT, context_len=context_len)
     rope_local = rope_tables(cfg, positions_BxT, local=True) if cfg.rope_local_theta is not None else None
     sliding_Y = jnp.asarray(cfg.is_sliding)
+    # the gates' alpha is set by the trainer from its schedule, never trained: no gradient flows to it
+    alpha = jax.lax.stop_gradient(params["so8t_alpha"]) if so8t.has_gates(params) else None
 
     def body(x, xs):
         p, is_sliding, layer_cache = xs
         cache_kv = None if layer_cache is None else (*layer_cache, cache.index)
-        x, kv = _layer(cfg, x, p, rope_global, rope_local, is_sliding, biases, cache_kv)
+        x, kv = _layer(cfg, x, p, rope_global, rope_local, is_sliding, biases, cache_kv, alpha)
         return x, (x if output_hidden else None, kv if cache is not None else None)
 
     if remat:
