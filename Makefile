@@ -6,7 +6,7 @@ EXTRAS ?= dev,oracle
 CONFIG ?= configs/gkd.py
 RUN ?= checkpoints/gkd-smollm2
 
-.PHONY: install train tensorboard test lint bench
+.PHONY: install train predict-student evaluate export tensorboard test lint bench
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,13 @@ install:
 
 train:
 	$(PY) scripts/train.py --config $(CONFIG) $(ARGS)
+
+# teacher / student before / student after on the run's held-out prompts: table + RUN/evaluation/metrics.json
+predict-student evaluate:
+	$(PY) scripts/evaluate.py $(RUN) $(if $(ROWS),--rows $(ROWS))
+
+export:
+	$(PY) scripts/export.py $(RUN)/student $(RUN)/export
 
 tensorboard:
 	# the viewer is not a run-time dependency (runs write event files with tensorboardX)

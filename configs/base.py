@@ -92,6 +92,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.stability.lr_backoff = 0.5
     c.stability.max_rollbacks = 3
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.at_end = True               # teacher / student before / student after on the held-out rows
+    c.eval.rows = 0                    # 0: every held-out row
+
+    c.export = ml_collections.ConfigDict()
+    c.export.formats = ("hf", "gguf")  # export/hf/ and export/student-<type>.gguf at the end ("" for none)
+    c.export.gguf_type = "Q8_0"        # F32 | F16 | Q8_0
+
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "single"         # single | pmap | mesh
     c.parallel.shard_teacher = False   # mesh: shard teacher params across devices

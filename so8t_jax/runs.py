@@ -60,6 +60,9 @@ def check_config(config) -> None:
     for key in ("eval_every", "checkpoint_every", "sample_every"):
         need(given[f"train.{key}"] >= 0, f"train.{key}", ">= 0")
     need(c.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1")
+    need(c.eval.rows >= 0, "eval.rows", ">= 0")
+    need(set(c.export.formats) <= {"hf", "gguf", ""}, "export.formats", "a subset of ('hf', 'gguf')")
+    need(c.export.gguf_type in ("F32", "F16", "Q8_0"), "export.gguf_type", "one of F32, F16, Q8_0")
     if c.parallel.mode == "pmap":
         need(c.train.batch_size % jax.local_device_count() == 0, "train.batch_size",
              f"a multiple of the {jax.local_device_count()} local devices (pmap)")
@@ -134,6 +137,13 @@ def write_results(run_dir, config, teacher: Model, student: Model, final_state, 
     return results
 
 
+def _evaluation_section(r: dict) -> str:
+    table = r.get("evaluation", {}).get("table")
+    if not table:
+        return ""
+    return f"\n## Evaluation (held-out prompts)\n\n```\n{table}\n```\n"
+
+
 def model_card(r: dict, config) -> str:
     c = config
     objective = (f"{c.loss.divergence} (jsd_beta {c.loss.jsd_beta}, tau {c.loss.temperature}) x {c.loss.kd_weight}"
@@ -155,7 +165,7 @@ def model_card(r: dict, config) -> str:
 | loss | first {r['loss']['first']}, last {r['loss']['last']}, min {r['loss']['min']} |
 | held-out loss (final) | {r['evaluation']['heldout_loss_final']} |
 | rollbacks | {r['rollbacks']} |
-
+{_evaluation_section(r)}
 ## Load it
 
 ```python
@@ -164,6 +174,7 @@ student = so8t_jax.load("{r['student']['path']}")
 print(so8t_jax.generate(student, ["What is the capital of France?"], max_new_tokens=32))
 ```
 
+Exported: `export/hf/` (transformers' AutoModelForCausalLM loads it) and `export/student-*.gguf` (llama.cpp).
 Training state (optimizer included) is in `orbax/` (steps, best, final); the audit trail in `audit.sqlite`
 (`python scripts/audit.py verify {pathlib.Path(r['student']['path']).parent}`); curves in `tensorboard/`.
 """

@@ -24,7 +24,7 @@ from so8t_jax.bench import smollm2_gguf
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.loading import Model, load, save_converted
 from so8t_jax.progress import ProgressLogger
-from so8t_jax.runs import check_config, student_from_teacher, write_json, write_results
+from so8t_jax.runs import check_config, model_card, student_from_teacher, write_json, write_results, write_text
 
 
 def resolve_teacher_path(path: str) -> pathlib.Path:
@@ -267,11 +267,37 @@ def train(config: ml_collections.ConfigDict) -> dict:
     heldout_after = evaluate(state)
     results = write_results(run_dir, config, teacher, student, final, host, meta(), heldout_after, resumed_from,
                             policy_rb, vocab_note)
+    write_json(run_dir / "distillation_results.json", results)  # evaluate_run reads the run's config from it
+    logger.close()
+    results = _finish(config, run_dir, results, log)
     log.append(audit.RUN_END, status="finished", step=int(final.step),
                digest=audit.tree_digest(final.params), heldout_loss=heldout_after)
     log.close()
-    logger.close()
+    return results
+
+
+def _finish(config, run_dir: pathlib.Path, results: dict, log: audit.AuditLog) -> dict:
+    """Export (HF + GGUF) and the teacher / before / after evaluation, recorded in the results, model card
+    and audit log. A failure here is recorded and reported, never allowed to lose the trained student."""
+    from so8t_jax.evaluate import evaluate_run, format_table
+    from so8t_jax.weights.export import export
+
+    formats = [f for f in config.export.formats if f]
+    if formats:
+        try:
+            paths = export(run_dir / "student", run_dir / "export", formats, config.export.gguf_type)
+            results["export"] = {k: str(v) for k, v in paths.items()}
+            log.append(audit.EXPORT, **results["export"])
+        except (NotImplementedError, ValueError, OSError) as e:
+            results["export"] = {"error": f"{type(e).__name__}: {e}"}
+            log.append(audit.EXPORT, error=results["export"]["error"])
+    if config.eval.at_end and config.data.heldout_fraction > 0:
+        ev = evaluate_run(run_dir, n_rows=config.eval.rows or None)
+        results["evaluation"].update(models=ev["models"], samples=ev["samples"], table=format_table(ev))
+        log.append(audit.EVAL, **{name: {k: m[k] for k in ("kl", "top1", "ppl", "greedy_match")}
+                                  for name, m in ev["models"].items()})
     write_json(run_dir / "distillation_results.json", results)
+    write_text(run_dir / "README.md", model_card(results, config))
     return results
 
 

@@ -39,6 +39,8 @@ def tiny_config(teacher, out, **overrides):
     c.data.source = "builtin:diverse:40"
     c.policy.max_new_tokens = 8
     c.train.steps = 6
+    c.eval.at_end = False        # switched on where a test looks at them
+    c.export.formats = ()
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
@@ -63,11 +65,15 @@ def _final_params(run_dir):
 
 
 def test_smoke_run_writes_every_output(tiny_teacher, tmp_path):
-    results = train(tiny_config(tiny_teacher, tmp_path))
+    results = train(tiny_config(tiny_teacher, tmp_path, **{"eval.at_end": True, "export.formats": ("hf", "gguf")}))
     run = tmp_path / "smoke"
     for name in ("README.md", "audit.sqlite", "distillation_results.json", "orbax/steps", "orbax/best",
-                 "orbax/final", "snapshots", "tensorboard", "student/so8t_config.json"):
+                 "orbax/final", "snapshots", "tensorboard", "student/so8t_config.json", "export/hf/config.json",
+                 "export/hf/model.safetensors", "export/student-Q8_0.gguf", "evaluation/metrics.json"):
         assert (run / name).exists(), name
+    models = results["evaluation"]["models"]
+    assert set(models) == {"teacher", "before", "after"} and models["teacher"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert models["after"]["kl"] > 0 and "after" in (run / "README.md").read_text()
     on_disk = json.loads((run / "distillation_results.json").read_text())
     assert on_disk["steps"] == 6 and on_disk == json.loads(json.dumps(results, default=str))
     assert on_disk["teacher"]["layers"] == 3 and on_disk["student"]["layers"] == 2
@@ -80,6 +86,7 @@ def test_smoke_run_writes_every_output(tiny_teacher, tmp_path):
     assert result.ok, result.problems
     kinds = [e["kind"] for e in audit.show(run)]
     assert kinds[0] == "run_start" and kinds[-1] == "run_end" and kinds.count("checkpoint") == 2
+    assert "export" in kinds and kinds.count("eval") == 3  # two held-out losses, then the final evaluation
     # the student folder is a model so8t_jax loads, equal to the final training state
     student = so8t_jax.load(run / "student")
     final, _ = _final_params(run)
@@ -94,7 +101,8 @@ def test_smoke_run_writes_every_output(tiny_teacher, tmp_path):
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_teacher, tmp_path):
-    steps = ["--steps", "8", "--config.train.checkpoint_every=2", "--config.train.eval_every=4"]
+    steps = ["--steps", "8", "--config.train.checkpoint_every=2", "--config.train.eval_every=4",
+             "--config.eval.at_end=False", "--config.export.formats=()"]
     full = _cli(tiny_teacher, tmp_path / "full", *steps, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -212,7 +220,8 @@ def test_default_job_runs_on_smollm2(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts/train.py"), "--output", str(tmp_path), "--steps", "2",
            "--samples", "24", "--config.policy.max_new_tokens=8", "--config.train.batch_size=2",
            "--config.data.max_prompt_len=64", "--config.data.prompt_buckets=(64,)", "--config.train.eval_every=2",
-           "--config.train.eval_batches=1", "--config.train.sample_every=0", "--config.data.heldout_fraction=0.2"]
+           "--config.train.eval_batches=1", "--config.train.sample_every=0", "--config.data.heldout_fraction=0.2",
+           "--config.eval.rows=2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "gkd-smollm2"
@@ -220,6 +229,7 @@ def test_default_job_runs_on_smollm2(tmp_path):
     assert r["teacher"]["layers"] == 30 and r["student"]["layers"] == 8 and r["steps"] == 2
     assert r["config"]["policy"]["lmbda"] == 0.5 and r["config"]["loss"]["jsd_beta"] == 0.5
     assert np.isfinite(r["loss"]["last"]) and r["compression_ratio"] > 1.5
-    for name in ("README.md", "audit.sqlite", "orbax/final", "student/so8t_config.json", "tensorboard"):
+    for name in ("README.md", "audit.sqlite", "orbax/final", "student/so8t_config.json", "tensorboard",
+                 "export/hf/model.safetensors", "export/student-Q8_0.gguf", "evaluation/metrics.json"):
         assert (run / name).exists(), name
     assert audit.verify(run).ok
