@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
-from so8t_jax.loading import _dtype, load
+from so8t_jax.loading import as_dtype, load
 
 # Dense bf16 peak FLOP/s for MFU, by device kind (None on CPUs: no meaningful peak).
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
@@ -73,7 +73,7 @@ def bench_load(args):
 
 def bench_forward(args):
     cfg = ModelConfig.preset(args.preset)
-    dtype = _dtype(args.dtype)
+    dtype = as_dtype(args.dtype)
     params = model_lib.init_params(cfg, jax.random.key(0), dtype)
     tokens = jnp.zeros((args.batch, args.length), jnp.int32)
     fn = jax.jit(lambda p, t: model_lib.forward(p, cfg, t).logits)
@@ -97,7 +97,7 @@ def bench_generate(args):
         cfg, params = m.config, m.params
     else:
         cfg = ModelConfig.preset(args.preset)
-        params = model_lib.init_params(cfg, jax.random.key(0), _dtype(args.dtype))
+        params = model_lib.init_params(cfg, jax.random.key(0), as_dtype(args.dtype))
     prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 3, cfg.vocab_size)
     mask = jnp.ones_like(prompt)
     for name, sampler in (("greedy", GREEDY), ("temperature_0.9_top_p_0.95", Sampler(0.9, 0, 0.95))):
@@ -115,7 +115,7 @@ def bench_step(args):
     from so8t_jax import train_step
     t_cfg = ModelConfig.preset(args.teacher_preset)
     s_cfg = t_cfg.replace(n_layers=args.student_layers)
-    dtype = _dtype(args.dtype)
+    dtype = as_dtype(args.dtype)
     teacher = model_lib.init_params(t_cfg, jax.random.key(0), dtype)
     student = model_lib.init_params(s_cfg, jax.random.key(1), dtype)
     p, n, b = args.prompt_len, args.new, args.batch

@@ -17,14 +17,14 @@ from so8t_jax.weights.gguf import load_gguf
 from so8t_jax.weights.hf import load_hf
 
 CONVERTED_CONFIG = "so8t_config.json"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _dtype(dtype):
+def as_dtype(dtype):
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        return DTYPES[dtype]
     return dtype
 
 
@@ -76,7 +76,7 @@ def _auto_tokenizer(folder, **kw):
 def load(path, dtype="float32") -> Model:
     """Load a GGUF file, a Hugging Face folder (config.json + safetensors) or a folder made by `convert`."""
     path = pathlib.Path(path)
-    dtype = _dtype(dtype)
+    dtype = as_dtype(dtype)
     if path.is_file():
         cfg, params, _ = load_gguf(path, dtype)
         return Model(cfg, params, path, _tokenizer_loader=_auto_tokenizer(path.parent, gguf_file=path.name))

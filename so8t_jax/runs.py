@@ -14,7 +14,7 @@ import numpy as np
 
 from so8t_jax import stability, train_step
 from so8t_jax.config import ConfigError
-from so8t_jax.loading import _DTYPES, Model
+from so8t_jax.loading import DTYPES, Model
 
 MODES = ("single", "pmap", "mesh")
 STUDENT_INITS = ("from_teacher", "random", "path")
@@ -50,7 +50,7 @@ def check_config(config) -> None:
     need(c.student.layers >= 1, "student.layers", ">= 1")
     need(c.student.init != "path" or c.student.path, "student.path", "set when student.init is 'path'")
     for key in ("teacher.dtype", "student.dtype"):
-        need(given[key] in _DTYPES, key, f"one of {sorted(_DTYPES)}")
+        need(given[key] in DTYPES, key, f"one of {sorted(DTYPES)}")
     need(0.0 <= c.data.heldout_fraction < 1.0, "data.heldout_fraction", "in [0, 1)")
     need(c.data.max_prompt_len <= max(c.data.prompt_buckets), "data.max_prompt_len",
          f"<= the largest prompt bucket ({max(c.data.prompt_buckets)})")
@@ -91,7 +91,7 @@ def student_from_teacher(teacher: Model, n_layers: int, dtype) -> Model:
         else tuple(teacher.config.sliding_layers[i] for i in idx))
     params = dict(teacher.params, layers=jax.tree_util.tree_map(lambda x: x[idx], teacher.params["layers"]))
     # copies: the student's buffers are donated to the step and must not alias the teacher's
-    params = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=_DTYPES[dtype], copy=True), params)
+    params = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=DTYPES[dtype], copy=True), params)
     return Model(cfg, params, teacher.source, _tokenizer=teacher.tokenizer)
 
 
