@@ -69,8 +69,13 @@ def run_train(argv: list[str]) -> int:
             if FLAGS.resume is not None:
                 config.train.resume = FLAGS.resume
         results = train(config)
-        print(json.dumps({k: results[k] for k in ("run", "steps", "compression_ratio", "loss", "evaluation",
-                                                  "wall_time_s", "tokens_per_s")}, indent=2))
+        summary = {k: results[k] for k in ("run", "steps", "compression_ratio", "loss", "wall_time_s",
+                                           "tokens_per_s")}
+        summary["heldout_loss_final"] = results["evaluation"].get("heldout_loss_final")
+        print(json.dumps(summary, indent=2))
+        if results["evaluation"].get("table"):
+            print(results["evaluation"]["table"])
+        print(f"outputs: {pathlib.Path(config.output_dir) / config.run_name}")
 
     if str(CONFIG_DIR.parent) not in sys.path:
         sys.path.insert(0, str(CONFIG_DIR.parent))
