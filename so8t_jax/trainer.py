@@ -47,8 +47,7 @@ def make_student(config, teacher: Model) -> Model:
                                            teacher.config.sliding_layers[:s.layers]))
         params = model_lib.init_params(cfg, jax.random.key(config.seed), jnp.dtype(dtype))
         return Model(cfg, params, pathlib.Path("random"), _tokenizer=teacher.tokenizer)
-    student = load(s.path, dtype)
-    return student
+    return load(s.path, dtype)
 
 
 def reconcile_vocab(teacher: Model, student: Model) -> tuple[Model, Model, str | None]:
@@ -185,8 +184,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     teacher_params = teacher.params
     state, teacher_params = runner.to_device(state, teacher_params)
     eval_fn = jax.jit(lambda p, t, b: train_step.loss_terms(
-        {"student": p["student"], **({"proj": p["proj"]} if "proj" in p else {})}, t, b,
-        train_step.count_targets(b["labels"]), student.config, teacher.config, loss_cfg))
+        p, t, b, train_step.count_targets(b["labels"]), student.config, teacher.config, loss_cfg))
 
     def evaluate(st) -> float | None:
         if not heldout_enc:

@@ -159,6 +159,17 @@ def test_nan_every_step_stops_after_max_rollbacks(tiny_teacher, tmp_path):
     assert [e["kind"] for e in audit.show(tmp_path / "smoke")][-1] == "run_end"
 
 
+@pytest.mark.parametrize("init", ["random", "path"])
+def test_other_students(tiny_teacher, tmp_path, init):
+    overrides = {"student.init": init, "train.steps": 2, "train.sample_every": 0, "policy.lmbda": 0.0}
+    if init == "path":  # an existing smaller model with the teacher's tokenizer
+        overrides["student.path"] = str(make_hf_model("llama", tmp_path / "small", seed=5, num_hidden_layers=1))
+    results = train(tiny_config(tiny_teacher, tmp_path / "run", **overrides))
+    assert results["steps"] == 2 and np.isfinite(results["loss"]["last"])
+    assert results["student"]["layers"] == (1 if init == "path" else 2)
+    assert results["student"]["params"] < results["teacher"]["params"]
+
+
 @pytest.mark.parametrize("mode", ["pmap", "mesh"])
 def test_parallel_modes_match_single_device(tiny_teacher, tmp_path, mode):
     overrides = {"policy.lmbda": 0.0, "train.steps": 3, "train.batch_size": 8, "train.sample_every": 0}
