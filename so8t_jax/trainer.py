@@ -20,9 +20,8 @@ import numpy as np
 
 from so8t_jax import audit, data, stability, train_step
 from so8t_jax import model as model_lib
-from so8t_jax.bench import smollm2_gguf
 from so8t_jax.checkpoint import Checkpointer
-from so8t_jax.loading import Model, load, save_converted
+from so8t_jax.loading import Model, load, save_converted, smollm2_gguf
 from so8t_jax.progress import ProgressLogger
 from so8t_jax.runs import check_config, model_card, student_from_teacher, write_json, write_results, write_text
 

