@@ -353,7 +353,7 @@ def evaluate_run(run_dir, n_rows: int | None = None, out_dir=None) -> dict:
 
     from so8t_jax.loading import load
     from so8t_jax.runs import write_json
-    from so8t_jax.trainer import _configs, make_student, reconcile_vocab, resolve_teacher_path
+    from so8t_jax.trainer import make_student, reconcile_vocab, resolve_teacher_path, run_configs
 
     run_dir = pathlib.Path(run_dir)
     results_path = run_dir / "distillation_results.json"
@@ -364,7 +364,7 @@ def evaluate_run(run_dir, n_rows: int | None = None, out_dir=None) -> dict:
     teacher = load(teacher_path, config.teacher.dtype)
     teacher, before, _ = reconcile_vocab(teacher, make_student(config, teacher))
     after = load(run_dir / "student", config.student.dtype)
-    _, policy = _configs(config, teacher.config, teacher.tokenizer)
+    _, policy = run_configs(config, teacher.config, teacher.tokenizer)
 
     rows = data.load_rows(config.data.source)
     _, heldout = data.split_heldout(rows, config.data.heldout_fraction, config.seed)

@@ -96,15 +96,12 @@ def student_from_teacher(teacher: Model, n_layers: int, dtype) -> Model:
 
 
 def write_json(path: pathlib.Path, obj) -> None:
-    """Atomic: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
+    """Atomic: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)

@@ -71,7 +71,8 @@ def reconcile_vocab(teacher: Model, student: Model) -> tuple[Model, Model, str |
     return cut(teacher), cut(student), f"vocab sizes {vt} (teacher) and {vs} (student) reconciled to {n}"
 
 
-def _configs(config, t_cfg, tokenizer):
+def run_configs(config, t_cfg, tokenizer):
+    """(LossConfig, PolicyConfig) of a run config; eos and pad ids from the teacher (evaluation uses it too)."""
     c = config
     loss_cfg = train_step.LossConfig(**c.loss.to_dict())
     eos = tuple(sorted(set(t_cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None
@@ -130,7 +131,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     tokenizer = teacher.tokenizer
     student = make_student(config, teacher)
     teacher, student, vocab_note = reconcile_vocab(teacher, student)
-    loss_cfg, policy = _configs(config, teacher.config, tokenizer)
+    loss_cfg, policy = run_configs(config, teacher.config, tokenizer)
 
     rows = data.load_rows(config.data.source)
     data_fingerprint = data.fingerprint(rows)
