@@ -1,6 +1,10 @@
 """The SO8T seed's recipe: temperature-KL distillation, forward KL at tau 3 with the seed's weights
-alpha 0.7 (kd), beta 0.3 (hard CE), gamma 0.1 (hidden matching), lambda_so8t 0.5 (relational), on dataset
-completions (lmbda 0). lambda_safety 0.3 and lambda_verification 0.2 join with the SO(8) heads.
+alpha 0.7 (kd), beta 0.3 (hard CE), gamma 0.1 (hidden matching), lambda_so8t 0.5 (relational Gram),
+lambda_safety 0.3 (safety head) and lambda_verification 0.2 (verifier head), on dataset completions (lmbda 0),
+with SO(8) rotation gates on every attention and MLP output. The alpha schedule's formula is in
+so8t_jax/defaults.py (the so8t block): -5 -> -2 over the first 5 % of steps, then a sigmoid ramp to 1.6.
+Export folds the gates into o_proj / down_proj (a plain model of the teacher's family); the heads are saved
+beside it as so8t_heads.safetensors, which so8t_jax.load restores.
 
     python scripts/train.py --config configs/so8t_kd.py
 """
@@ -16,5 +20,8 @@ def get_config():
     c.loss.ce_weight = 0.3
     c.loss.hidden_weight = 0.1
     c.loss.so8t_weight = 0.5
+    c.loss.safety_weight = 0.3
+    c.loss.verification_weight = 0.2
+    c.so8t.gates = True
     c.policy.lmbda = 0.0
     return c

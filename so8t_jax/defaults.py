@@ -43,7 +43,26 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.hidden_weight = 0.0         # SO8T seed's gamma
     c.loss.so8t_weight = 0.0           # lambda_so8t (relational Gram loss)
     c.loss.pet_weight = 0.0
+    c.loss.safety_weight = 0.0         # lambda_safety: 3-class safety head on the last prompt token (adds heads)
+    c.loss.verification_weight = 0.0   # lambda_verification: per-token verifier head (adds heads)
+    c.loss.safety_class_weights = (1.0, 3.0, 5.0)  # allow, escalate, deny
     c.loss.chunk_size = 0              # > 0: never materialise [B, L, V] logits
+
+    # SO(8) rotation gates on every attention / MLP output: y -> y + sigmoid(alpha) (blockdiag(R) y - y),
+    # R = expm(skew(28 params)) per 8-dim block, zero (R = I) at the start. alpha is not learned; at optimizer
+    # step s of S, with p = s / (S - 1):
+    #   p <= warm: alpha = start + (mid - start) p / warm
+    #   p >  warm: alpha = mid + (end - mid) (sig(p) - sig(warm)) / (sig(1) - sig(warm)),
+    #              sig(x) = sigmoid((x - center) / width)
+    # Export folds the gates into o_proj / down_proj at alpha(S - 1) = end.
+    c.so8t = ml_collections.ConfigDict()
+    c.so8t.gates = False
+    c.so8t.alpha_start = -5.0
+    c.so8t.alpha_mid = -2.0
+    c.so8t.alpha_end = 1.6
+    c.so8t.alpha_warm = 0.05
+    c.so8t.alpha_center = 0.5
+    c.so8t.alpha_width = 0.1
 
     c.policy = ml_collections.ConfigDict()
     c.policy.lmbda = 0.0               # probability that the student samples the completions (on-policy)
@@ -66,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.plateau_factor = 0.5
     c.optim.plateau_patience = 10
     c.optim.grad_accum_steps = 1
+    c.optim.head_lr_scale = 10.0       # SO8T safety / verifier heads: lr x this (fresh heads on a trained trunk)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200                # used when epochs == 0

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from so8t_jax import data
+from so8t_jax import data, so8t
 from so8t_jax import model as model_lib
 from so8t_jax.loading import Model
 from so8t_jax.sampling import GREEDY, make_sample_fn
@@ -181,14 +181,6 @@ def safety_accuracy(logits_Bx3, labels_B) -> float:
 # ---------------------------------------------------------------------------------- models
 
 
-def _head(p, h):
-    """Apply an optional head (SO8T safety/verifier; their layout is not fixed yet): an array [D, ...] or a
-    dict with "kernel"/"w" and optional "bias"/"b"."""
-    w, b = (p.get("kernel", p.get("w")), p.get("bias", p.get("b"))) if isinstance(p, dict) else (p, None)
-    out = jnp.tensordot(h.astype(_F32), jnp.asarray(w, _F32), axes=1)
-    return out if b is None else out + jnp.asarray(b, _F32)
-
-
 @functools.lru_cache(maxsize=32)
 def _score_fn(cfg, n_completion: int):
     """jit: (params, input_ids_BxT, mask_BxT) -> logits [B, N+1, V] of the positions that predict the last
@@ -198,11 +190,10 @@ def _score_fn(cfg, n_completion: int):
         hidden = model_lib.forward(params, cfg, input_ids_BxT, mask_BxT=mask_BxT, logits=False).hidden
         h_BxMxD = hidden[:, hidden.shape[1] - n_completion - 1:]
         logits = jnp.einsum("BMD,DV->BMV", h_BxMxD, model_lib.lm_head(params, cfg), preferred_element_type=_F32)
-        safety = _head(params["safety_head"], h_BxMxD[:, 0]) if "safety_head" in params else None
-        verifier = None
-        if "verifier" in params:
-            verifier = _head(params["verifier"], h_BxMxD)
-            verifier = verifier[..., 0] if verifier.ndim == 3 else verifier
+        n_prompt = hidden.shape[1] - n_completion
+        safety = so8t.safety_logits(params, hidden[:, :n_prompt], mask_BxT[:, :n_prompt]) \
+            if "safety_head" in params else None
+        verifier = so8t.verifier_logits(params, h_BxMxD) if "verifier" in params else None
         return logits, safety, verifier
     return jax.jit(fn)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from so8t_jax import model as model_lib
+from so8t_jax import so8t
 from so8t_jax.config import ModelConfig
 from so8t_jax.weights.common import WeightsError
 from so8t_jax.weights.gguf import load_gguf
@@ -83,19 +84,32 @@ def _auto_tokenizer(folder, **kw):
     return loader
 
 
+def _with_heads(path: pathlib.Path, cfg: ModelConfig, params: dict) -> dict:
+    """params plus the SO8T safety / verifier heads saved beside the model (so8t.heads_path), if any."""
+    hp = so8t.heads_path(path)
+    if not hp.exists():
+        return params
+    try:
+        return {**params, **so8t.load_heads(hp, cfg.d_model)}
+    except ValueError as e:
+        raise WeightsError(hp, str(e).removeprefix(f"{hp}: ")) from e
+
+
 def load(path, dtype="float32") -> Model:
-    """Load a GGUF file, a Hugging Face folder (config.json + safetensors) or a folder made by `convert`."""
+    """Load a GGUF file, a Hugging Face folder (config.json + safetensors) or a folder made by `convert`;
+    SO8T heads saved beside a GGUF file or inside a folder (so8t_heads.safetensors) come along in params."""
     path = pathlib.Path(path)
     dtype = as_dtype(dtype)
     if path.is_file():
         cfg, params, _ = load_gguf(path, dtype)
-        return Model(cfg, params, path, _tokenizer_loader=_auto_tokenizer(path.parent, gguf_file=path.name))
+        return Model(cfg, _with_heads(path, cfg, params), path,
+                     _tokenizer_loader=_auto_tokenizer(path.parent, gguf_file=path.name))
     if not path.exists():
         raise WeightsError(path, "no such file or folder")
     if (path / CONVERTED_CONFIG).exists():
         return _load_converted(path, dtype)
     cfg, params = load_hf(path, dtype)
-    return Model(cfg, params, path, _tokenizer_loader=_auto_tokenizer(path))
+    return Model(cfg, _with_heads(path, cfg, params), path, _tokenizer_loader=_auto_tokenizer(path))
 
 
 def convert(src, out_dir, dtype="float32") -> pathlib.Path:

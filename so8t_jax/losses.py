@@ -311,11 +311,20 @@ def pet_loss(hidden_BxLxD, mask_BxL, num_valid=None):
 # ------------------------------------------------------------------------------------------- aux heads
 
 
-def safety_loss(safety_logits_BxK, labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0)):
+def safety_weight_sum(labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0)):
+    """The safety loss's denominator: the summed class weights of the labelled rows (label >= 0)."""
+    weights_K = jnp.asarray(class_weights, _F32)
+    labelled = labels_B >= 0
+    return jnp.sum(jnp.where(labelled, weights_K[jnp.where(labelled, labels_B, 0)], 0.0))
+
+
+def safety_loss(safety_logits_BxK, labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0),
+                total_weight=None):
     """Class-weighted CE normalised by the summed weights of the labelled rows (label -1: unlabelled).
 
     Equals torch CrossEntropyLoss(weight=class_weights, ignore_index=-1, reduction="mean"), except that no
-    labelled row gives 0 instead of NaN.
+    labelled row gives 0 instead of NaN. total_weight: the global denominator (`safety_weight_sum` over every
+    device and micro-batch) so that shards add up to the full batch's loss.
     """
     weights_K = jnp.asarray(class_weights, _F32)
     if safety_logits_BxK.shape[-1] != weights_K.shape[0]:
@@ -324,7 +333,7 @@ def safety_loss(safety_logits_BxK, labels_B, class_weights: Sequence[float] = (1
     labels_B = jnp.where(labelled_B, labels_B, 0)
     nll_B = _token_nll(_zero_invalid(safety_logits_BxK, labelled_B), labels_B)
     weight_B = jnp.where(labelled_B, weights_K[labels_B], 0.0)
-    return _masked_mean(weight_B * nll_B, labelled_B, jnp.sum(weight_B))
+    return _masked_mean(weight_B * nll_B, labelled_B, jnp.sum(weight_B) if total_weight is None else total_weight)
 
 
 def argmax_agreement(student_logits_BxLxV, teacher_logits_BxLxV):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from so8t_jax import stability, train_step
+from so8t_jax import so8t, stability, train_step
 from so8t_jax.config import ConfigError
 from so8t_jax.loading import DTYPES, Model
 
@@ -71,6 +71,7 @@ def check_config(config) -> None:
         train_step.OptimConfig(total_steps=c.train.steps, **c.optim.to_dict())
         train_step.PolicyConfig(**{k: v for k, v in c.policy.to_dict().items()})
         stability.StabilityConfig(**c.stability.to_dict())
+        so8t.GateConfig(**c.so8t.to_dict())
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config: {e}") from e
     if c.teacher.path not in ("smollm2", "") and not pathlib.Path(c.teacher.path).exists():
@@ -129,6 +130,7 @@ def write_results(run_dir, config, teacher: Model, student: Model, final_state, 
         "wall_time_s": round(elapsed, 2), "tokens": host["tokens"],
         "tokens_per_s": round(host["tokens"] / elapsed, 1) if elapsed > 0 else None,
         "vocab_note": vocab_note,
+        "final_metrics": host.get("last_metrics"),  # the last step's loss terms, norms, lr (and SO8T gauges)
     }
     write_text(pathlib.Path(run_dir) / "README.md", model_card(results, config))
     return results
@@ -141,11 +143,29 @@ def _evaluation_section(r: dict) -> str:
     return f"\n## Evaluation (held-out prompts)\n\n```\n{table}\n```\n"
 
 
+def _so8t_section(r: dict, c) -> str:
+    lines = []
+    if c.so8t.gates:
+        m = r.get("final_metrics") or {}
+        lines.append(f"SO(8) rotation gates on every attention and MLP output, alpha {c.so8t.alpha_start} -> "
+                     f"{c.so8t.alpha_end} (last {m.get('so8t/alpha', float('nan')):.3f}, mean rotation angle "
+                     f"{m.get('so8t/rotation_angle', float('nan')):.4f} rad), folded into o_proj / down_proj: the "
+                     "exported student is a plain model of its family.")
+    if c.loss.safety_weight > 0 or c.loss.verification_weight > 0:
+        lines.append("Safety head (allow / escalate / deny, last prompt token) and per-token verifier head: "
+                     "`so8t_heads.safetensors` beside each export (torch.nn.Linear layout), restored by "
+                     "`so8t_jax.load`; `so8t_jax.generate(student, prompts, 32, return_judgments=True)` returns "
+                     "the safety judgment and per-token confidence.")
+    return "\n## SO8T structure\n\n" + "\n\n".join(lines) + "\n" if lines else ""
+
+
 def model_card(r: dict, config) -> str:
     c = config
     objective = (f"{c.loss.divergence} (jsd_beta {c.loss.jsd_beta}, tau {c.loss.temperature}) x {c.loss.kd_weight}"
                  f" + CE x {c.loss.ce_weight} + hidden x {c.loss.hidden_weight} + relational x {c.loss.so8t_weight}"
-                 f" + PET x {c.loss.pet_weight}; completions: student with probability lmbda={c.policy.lmbda}"
+                 f" + PET x {c.loss.pet_weight} + safety x {c.loss.safety_weight}"
+                 f" + verification x {c.loss.verification_weight}; completions: student with probability"
+                 f" lmbda={c.policy.lmbda}"
                  f" (sampling temperature {c.policy.temperature}), "
                  + ("teacher otherwise (seq_kd)" if c.policy.seq_kd else "dataset otherwise"))
     return f"""# {r['run']}: a student distilled with so8t_jax
@@ -162,7 +182,7 @@ def model_card(r: dict, config) -> str:
 | loss | first {r['loss']['first']}, last {r['loss']['last']}, min {r['loss']['min']} |
 | held-out loss (final) | {r['evaluation']['heldout_loss_final']} |
 | rollbacks | {r['rollbacks']} |
-{_evaluation_section(r)}
+{_so8t_section(r, c)}{_evaluation_section(r)}
 ## Load it
 
 ```python

@@ -12,7 +12,8 @@ P + max_new_tokens slots. The loop stops once every row has emitted an end-of-se
 fold_in(key, i), so a fixed key reproduces the same tokens.
 
 `generate(model, prompts, ...)` is the host-side convenience: it encodes, left-pads to a bucketed length,
-runs the compiled sampler and decodes the completions to text.
+runs the compiled sampler and decodes the completions to text; with return_judgments=True (a model carrying
+SO8T heads) it also returns the safety head's judgment of each prompt and the verifier's per-token confidence.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from so8t_jax import model as model_lib
+from so8t_jax import so8t
 from so8t_jax.config import ModelConfig
 
 PROMPT_BUCKET = 16  # generate() pads prompt lengths up to a multiple of this to bound recompiles
@@ -271,11 +273,37 @@ def as_prompt_list(prompts) -> list:
     return list(prompts)
 
 
+@functools.lru_cache(maxsize=16)
+def _judge_fn(cfg: ModelConfig, prompt_len: int):
+    """jit: (params, tokens [B, P+N], mask [B, P+N]) -> (safety probs [B, 3], verifier confidence [B, N]):
+    the safety head on the last prompt token, and for generated token j the verifier at the position that
+    predicted it (P - 1 + j)."""
+    def fn(params, tokens_BxT, mask_BxT):
+        hidden = model_lib.forward(params, cfg, tokens_BxT, mask_BxT=mask_BxT, logits=False).hidden
+        n = tokens_BxT.shape[1] - prompt_len
+        safety = jax.nn.softmax(so8t.safety_logits(params, hidden[:, :prompt_len], mask_BxT[:, :prompt_len])) \
+            if "safety_head" in params else jnp.zeros((tokens_BxT.shape[0], 3), jnp.float32)
+        conf = jax.nn.sigmoid(so8t.verifier_logits(params, hidden[:, prompt_len - 1:prompt_len - 1 + n])) \
+            if "verifier" in params else jnp.zeros((tokens_BxT.shape[0], n), jnp.float32)
+        return safety, conf
+    return jax.jit(fn)
+
+
 def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, chat: bool = True) -> list[str]:
+             top_p: float = 1.0, min_p: float = 0.0, seed: int = 0, chat: bool = True,
+             return_judgments: bool = False) -> list:
     """Complete each prompt (a string or a list of chat messages; a single one is accepted too) with a
     loaded `so8t_jax.Model`; returns the completions' text without the EOS. Greedy by default. The chat
-    template is applied when `chat` and the tokenizer has one (loading.encode_prompt)."""
+    template is applied when `chat` and the tokenizer has one (loading.encode_prompt).
+
+    return_judgments=True (the model must carry SO8T heads): one dict per prompt instead,
+    {"text", "safety": "allow" | "escalate" | "deny", "safety_probs": {label: p}, "tokens": [generated ids],
+    "confidence": [per generated token, sigmoid of the verifier: the student's confidence that it agrees with
+    its teacher at that token]} ("safety" keys are None without a safety head, "confidence" without a
+    verifier). tokens / confidence exclude the final EOS, like the text."""
+    if return_judgments and not so8t.has_heads(model.params):
+        raise ValueError(f"{model.source}: return_judgments needs a model with SO8T heads "
+                         f"({so8t.HEADS_FILE} beside it, or a student trained with the safety / verification loss)")
     from so8t_jax.loading import encode_prompt
 
     prompts = as_prompt_list(prompts)
@@ -293,10 +321,23 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     fn = make_sample_fn(cfg, int(max_new_tokens), Sampler(temperature, top_k, top_p, min_p), eos_ids, pad_id)
     out = fn(model.params, jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP), jax.random.PRNGKey(seed))
     tokens_BxN, lengths_B = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
-    texts = []
+    texts, kept = [], []
     for row, length in zip(tokens_BxN, lengths_B):
         ids: list[Any] = row[:length].tolist()
         if ids and ids[-1] in eos_ids:
             ids = ids[:-1]
+        kept.append(ids)
         texts.append(tok.decode(ids, skip_special_tokens=True))
-    return texts
+    if not return_judgments:
+        return texts
+    n = tokens_BxN.shape[1]
+    mask_BxN = (np.arange(n)[None, :] < lengths_B[:, None]).astype(mask_BxP.dtype)
+    safety, conf = jax.device_get(_judge_fn(cfg, tokens_BxP.shape[1])(
+        model.params, jnp.concatenate([jnp.asarray(tokens_BxP), jnp.asarray(tokens_BxN)], axis=1),
+        jnp.asarray(np.concatenate([mask_BxP, mask_BxN], axis=1))))
+    has_safety, has_verifier = "safety_head" in model.params, "verifier" in model.params
+    return [{"text": text, "tokens": ids,
+             "safety": so8t.SAFETY_LABELS[int(np.argmax(p))] if has_safety else None,
+             "safety_probs": dict(zip(so8t.SAFETY_LABELS, map(float, p))) if has_safety else None,
+             "confidence": [float(x) for x in c[:len(ids)]] if has_verifier else None}
+            for text, ids, p, c in zip(texts, kept, safety, conf)]

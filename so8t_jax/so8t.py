@@ -16,6 +16,9 @@ whatever alpha is, so a student cut from its teacher starts unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +29,9 @@ BLOCK = 8
 N_SKEW = BLOCK * (BLOCK - 1) // 2  # 28
 _ROWS, _COLS = np.triu_indices(BLOCK, k=1)
 _F32 = jnp.float32
+SAFETY_LABELS = ("allow", "escalate", "deny")
+HEADS = ("safety_head", "verifier")
+HEADS_FILE = "so8t_heads.safetensors"
 
 
 def skew_from_params(theta_Kx28) -> jax.Array:
@@ -114,6 +120,34 @@ def alpha_schedule(progress, start=-5.0, mid=-2.0, end=1.6, warm=0.05, ramp_cent
     return jnp.where(p <= warm, linear, ramp)
 
 
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """The so8t.* config block: gates on or off and the alpha schedule's constants (see alpha_schedule)."""
+    gates: bool = False
+    alpha_start: float = -5.0
+    alpha_mid: float = -2.0
+    alpha_end: float = 1.6
+    alpha_warm: float = 0.05
+    alpha_center: float = 0.5
+    alpha_width: float = 0.1
+
+    def __post_init__(self):
+        if not self.alpha_start <= self.alpha_mid <= self.alpha_end:
+            raise ValueError("so8t.alpha_start <= so8t.alpha_mid <= so8t.alpha_end is required, got "
+                             f"{self.alpha_start}, {self.alpha_mid}, {self.alpha_end}")
+        if not 0.0 < self.alpha_warm < 1.0:
+            raise ValueError(f"so8t.alpha_warm must be in (0, 1), got {self.alpha_warm}")
+        if self.alpha_width <= 0:
+            raise ValueError(f"so8t.alpha_width must be positive, got {self.alpha_width}")
+
+    def alpha(self, step, total_steps: int):
+        """alpha of optimizer step `step` (0-based) of `total_steps`: progress step / (total - 1), so the first
+        step uses alpha_start and the last exactly alpha_end (the value folded at export)."""
+        progress = jnp.asarray(step, _F32) / max(total_steps - 1, 1)
+        return alpha_schedule(progress, self.alpha_start, self.alpha_mid, self.alpha_end, self.alpha_warm,
+                              self.alpha_center, self.alpha_width)
+
+
 def mean_rotation_angle(theta) -> jax.Array:
     """Mean over blocks (all leading axes) of ||A||_F / sqrt(2), in radians.
 
@@ -158,6 +192,70 @@ def init_heads(d_model: int, key, std: float = 0.02) -> dict:
     k1, k2 = jax.random.split(key)
     return {"safety_head": {"w": std * jax.random.normal(k1, (d_model, 3), _F32), "b": jnp.zeros((3,), _F32)},
             "verifier": {"w": std * jax.random.normal(k2, (d_model,), _F32), "b": jnp.zeros((), _F32)}}
+
+
+def has_heads(params: dict) -> bool:
+    return any(k in params for k in HEADS)
+
+
+def split_heads(params: dict) -> tuple[dict, dict]:
+    """(params without the heads, {"safety_head": ..., "verifier": ...} of those present)."""
+    return ({k: v for k, v in params.items() if k not in HEADS}, {k: params[k] for k in HEADS if k in params})
+
+
+def heads_path(model_path) -> pathlib.Path:
+    """Where the heads of a model live: FOLDER/so8t_heads.safetensors for a folder, X.so8t_heads.safetensors
+    beside a file X.gguf."""
+    p = pathlib.Path(model_path)
+    return p.with_name(p.stem + "." + HEADS_FILE) if p.suffix == ".gguf" else p / HEADS_FILE
+
+
+def save_heads(heads: dict, path) -> pathlib.Path:
+    """Write the heads as safetensors in torch.nn.Linear layout (weight [out, in], bias [out]):
+    safety_head.weight [3, D] / .bias [3] (classes allow, escalate, deny), verifier.weight [1, D] / .bias [1]
+    (confidence = sigmoid). Written to a temporary name and renamed: never half a file."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    if "safety_head" in heads:
+        tensors["safety_head.weight"] = np.asarray(heads["safety_head"]["w"], np.float32).T
+        tensors["safety_head.bias"] = np.asarray(heads["safety_head"]["b"], np.float32).reshape(3)
+    if "verifier" in heads:
+        tensors["verifier.weight"] = np.asarray(heads["verifier"]["w"], np.float32).reshape(1, -1)
+        tensors["verifier.bias"] = np.asarray(heads["verifier"]["b"], np.float32).reshape(1)
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "so8t_jax heads", "safety_labels": ",".join(SAFETY_LABELS)})
+    tmp.replace(path)
+    return path
+
+
+def load_heads(path, d_model: int) -> dict:
+    """Read `save_heads`' file back into our layout, checking names and shapes against d_model."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    want = {"safety_head.weight": (3, d_model), "safety_head.bias": (3,), "verifier.weight": (1, d_model),
+            "verifier.bias": (1,)}
+    for name, x in t.items():
+        if name not in want:
+            raise ValueError(f"{path}: unexpected tensor {name!r} (expected {sorted(want)})")
+        if x.shape != want[name]:
+            raise ValueError(f"{path}: {name} has shape {x.shape}, expected {want[name]} for width {d_model}")
+    heads = {}
+    for head in HEADS:
+        names = (f"{head}.weight", f"{head}.bias")
+        if any(n in t for n in names):
+            if not all(n in t for n in names):
+                raise ValueError(f"{path}: {head} needs both {names[0]} and {names[1]}")
+            w, b = jnp.asarray(t[names[0]], _F32), jnp.asarray(t[names[1]], _F32)
+            heads[head] = {"w": w.T, "b": b} if head == "safety_head" else {"w": w[0], "b": b[0]}
+    return heads
 
 
 def last_valid_index(mask_BxT) -> jax.Array:

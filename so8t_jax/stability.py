@@ -47,12 +47,15 @@ def _name(path) -> list[str]:
 def group_norms(params) -> dict[str, jax.Array]:
     """float32 L2 norm of every parameter leaf, by its '/'-joined name ("student/" dropped, so "embed",
     "final_norm", "lm_head", "proj"). Leaves under "layers" are stacked on a leading layer axis and get one
-    norm PER LAYER: "layers/q" -> [n_layers]; `flatten_norms` spells those "layers/q/3" on the host."""
+    norm PER LAYER: "layers/q" -> [n_layers]; `flatten_norms` spells those "layers/q/3" on the host.
+    The SO8T gate's so8t_alpha is left out: it is scheduled, not learned."""
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         parts = _name(path)
         if parts and parts[0] == "student":
             parts = parts[1:]
+        if parts == ["so8t_alpha"]:  # scheduled, not learned: it crosses 0 on purpose
+            continue
         x32 = jnp.asarray(x).astype(jnp.float32)
         per_layer = "layers" in parts[:-1] and x32.ndim >= 1
         axes = tuple(range(1 if per_layer else 0, x32.ndim))

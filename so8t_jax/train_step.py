@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from so8t_jax import losses, sampling
+from so8t_jax import losses, sampling, so8t
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 
@@ -45,6 +45,9 @@ class LossConfig:
     hidden_weight: float = 0.0
     so8t_weight: float = 0.0       # relational Gram loss (lambda_so8t)
     pet_weight: float = 0.0
+    safety_weight: float = 0.0     # lambda_safety: the safety head on the last prompt token (needs the heads)
+    verification_weight: float = 0.0  # lambda_verification: the per-token verifier head (needs the heads)
+    safety_class_weights: tuple[float, float, float] = (1.0, 3.0, 5.0)  # allow, escalate, deny
     chunk_size: int = 0            # > 0: chunked losses from hidden states, never [B, L, V] logits
     layer_map: tuple[tuple[int, int], ...] | None = None  # student -> teacher layer pairs for hidden terms
 
@@ -55,9 +58,16 @@ class LossConfig:
             raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.temperature <= 0:
             raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
-        for name in ("kd_weight", "ce_weight", "hidden_weight", "so8t_weight", "pet_weight"):
+        for name in ("kd_weight", "ce_weight", "hidden_weight", "so8t_weight", "pet_weight", "safety_weight",
+                     "verification_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.safety_class_weights) != 3 or min(self.safety_class_weights) <= 0:
+            raise ValueError(f"loss.safety_class_weights must be 3 positive numbers, got {self.safety_class_weights}")
+
+    @property
+    def needs_heads(self) -> bool:
+        return self.safety_weight > 0 or self.verification_weight > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +88,11 @@ class OptimConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 10
     grad_accum_steps: int = 1
+    head_lr_scale: float = 10.0    # the SO8T safety / verifier heads (fresh, unlike the trunk) learn this much faster
 
     def __post_init__(self):
+        if self.head_lr_scale <= 0:
+            raise ValueError(f"optim.head_lr_scale must be positive, got {self.head_lr_scale}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
@@ -193,14 +206,26 @@ def init_state(student_params, optimizer, key=None, teacher_width: int | None = 
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.ones((), jnp.float32))
 
 
-def count_targets(labels) -> dict[str, jax.Array]:
+def count_targets(labels, safety_labels=None, safety_class_weights=(1.0, 3.0, 5.0)) -> dict[str, jax.Array]:
     """Denominators of the token-, triple- and sequence-level means over the whole (local) batch: valid
     next-token targets (labels[..., 1:] != -100), valid consecutive triples (PET), sequences with a target
-    (relational loss). Works with an accumulation axis; pmap sums them over devices."""
+    (relational loss), and with safety_labels the summed class weights of the labelled rows (safety loss).
+    Works with an accumulation axis; pmap sums them over devices."""
     valid = labels[..., 1:] != IGNORE
     triples = valid[..., 2:] & valid[..., 1:-1] & valid[..., :-2]
-    return {"targets": jnp.sum(valid).astype(jnp.float32), "triples": jnp.sum(triples).astype(jnp.float32),
-            "sequences": jnp.sum(jnp.any(valid, axis=-1)).astype(jnp.float32)}
+    counts = {"targets": jnp.sum(valid).astype(jnp.float32), "triples": jnp.sum(triples).astype(jnp.float32),
+              "sequences": jnp.sum(jnp.any(valid, axis=-1)).astype(jnp.float32)}
+    if safety_labels is not None:
+        counts["safety"] = losses.safety_weight_sum(safety_labels, safety_class_weights)
+    return counts
+
+
+def batch_counts(batch, lc: "LossConfig") -> dict[str, jax.Array]:
+    """count_targets of a batch dict, with the safety weights when the safety term is on."""
+    if lc.safety_weight > 0 and "safety_label" not in batch:
+        raise KeyError("loss.safety_weight > 0 needs batch['safety_label'] ([B] ints, -1 unlabelled)")
+    return count_targets(batch["labels"], batch["safety_label"] if lc.safety_weight > 0 else None,
+                         lc.safety_class_weights)
 
 
 def loss_terms(trainable, teacher_params, batch, counts, s_cfg: ModelConfig, t_cfg: ModelConfig,
@@ -213,23 +238,42 @@ def loss_terms(trainable, teacher_params, batch, counts, s_cfg: ModelConfig, t_c
     tokens, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     target_mask = labels[:, 1:] != IGNORE
     need_hidden = lc.hidden_weight > 0 or lc.so8t_weight > 0
-    need_logits = lc.chunk_size == 0 and (lc.kd_weight > 0 or lc.ce_weight > 0)
+    verify = lc.verification_weight > 0
+    need_logits = lc.chunk_size == 0 and (lc.kd_weight > 0 or lc.ce_weight > 0 or verify)
     student = trainable["student"]
+    if lc.needs_heads and not so8t.has_heads(student):
+        raise KeyError("loss.safety_weight / loss.verification_weight > 0 need the student's SO8T heads "
+                       "(so8t.init_heads)")
     s_out = model_lib.forward(student, s_cfg, tokens, mask_BxT=attn, output_hidden=need_hidden, logits=need_logits)
     t_out = None
-    if lc.kd_weight > 0 or need_hidden:
+    if lc.kd_weight > 0 or need_hidden or verify:
         t_out = jax.lax.stop_gradient(model_lib.forward(
             teacher_params, t_cfg, tokens, mask_BxT=attn, output_hidden=need_hidden,
-            logits=need_logits and lc.kd_weight > 0))
+            logits=need_logits and (lc.kd_weight > 0 or verify)))
     terms = {}
-    if lc.kd_weight > 0:
+    agree = None  # [B, L-1] argmax agreement, the verifier's target
+    if lc.kd_weight > 0 or (verify and lc.chunk_size):
         kw = dict(kind=lc.divergence, beta=lc.jsd_beta, temperature=lc.temperature, num_valid=num_valid)
         if lc.chunk_size:
-            terms["kd"] = losses.chunked_divergence(
+            kd = losses.chunked_divergence(
                 s_out.hidden[:, :-1], model_lib.lm_head(student, s_cfg), t_out.hidden[:, :-1],
-                model_lib.lm_head(teacher_params, t_cfg), target_mask, chunk_size=lc.chunk_size, **kw)
+                model_lib.lm_head(teacher_params, t_cfg), target_mask, chunk_size=lc.chunk_size,
+                return_agreement=verify, **kw)
+            kd, agree = kd if verify else (kd, None)
         else:
-            terms["kd"] = losses.divergence(s_out.logits[:, :-1], t_out.logits[:, :-1], target_mask, **kw)
+            kd = losses.divergence(s_out.logits[:, :-1], t_out.logits[:, :-1], target_mask, **kw)
+        if lc.kd_weight > 0:
+            terms["kd"] = kd
+    if verify:
+        if agree is None:
+            agree = losses.argmax_agreement(s_out.logits[:, :-1], t_out.logits[:, :-1])
+        terms["verification"] = losses.verification_bce(so8t.verifier_logits(student, s_out.hidden[:, :-1]),
+                                                        agree.astype(jnp.float32), target_mask, num_valid)
+    if lc.safety_weight > 0:
+        prompt_mask = batch["prompt_mask"]
+        logits_Bx3 = so8t.safety_logits(student, s_out.hidden[:, :prompt_mask.shape[-1]], prompt_mask)
+        terms["safety"] = losses.safety_loss(logits_Bx3, batch["safety_label"], lc.safety_class_weights,
+                                             total_weight=counts["safety"])
     if lc.ce_weight > 0:
         if lc.chunk_size:
             terms["ce"] = losses.chunked_cross_entropy(s_out.hidden[:, :-1], model_lib.lm_head(student, s_cfg),
@@ -247,7 +291,7 @@ def loss_terms(trainable, teacher_params, batch, counts, s_cfg: ModelConfig, t_c
     if lc.pet_weight > 0:
         terms["pet"] = losses.pet_loss(s_out.hidden[:, :-1], target_mask, num_valid=counts["triples"])
     weights = {"kd": lc.kd_weight, "ce": lc.ce_weight, "hidden": lc.hidden_weight, "so8t": lc.so8t_weight,
-               "pet": lc.pet_weight}
+               "pet": lc.pet_weight, "safety": lc.safety_weight, "verification": lc.verification_weight}
     terms["loss"] = sum(weights[k] * v for k, v in terms.items())
     return terms
 
@@ -256,10 +300,26 @@ def _tree_norm(tree):
     return optax.tree_utils.tree_norm(tree)
 
 
+def _with_alpha(params, alpha):
+    return dict(params, student=dict(params["student"], so8t_alpha=alpha))
+
+
+def gate_metrics(student_params, alpha) -> dict[str, jax.Array]:
+    """The gate's alpha, sigmoid(alpha) (how much of the rotation acts) and the mean rotation angle."""
+    layers = student_params["layers"]
+    angles = [so8t.mean_rotation_angle(layers[k]) for k in ("attn_gate", "mlp_gate") if k in layers]
+    return {"so8t/alpha": alpha, "so8t/gate": jax.nn.sigmoid(alpha),
+            "so8t/rotation_angle": sum(angles) / len(angles)}
+
+
 def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-              axis_name: str | None = None, policy: PolicyConfig | None = None):
+              axis_name: str | None = None, policy: PolicyConfig | None = None,
+              gate_cfg: so8t.GateConfig | None = None):
     """The per-device step body. With axis_name (pmap), counts and gradients are summed across devices.
-    With a generating policy the batch must also carry prompt_ids / prompt_mask (see data.Batcher)."""
+    With a generating policy the batch must also carry prompt_ids / prompt_mask (see data.Batcher).
+    With gate_cfg.gates the student carries SO(8) gates: each step sets params["student"]["so8t_alpha"] to
+    gate_cfg.alpha(step, total_steps) before the forward pass and keeps that value after the update."""
+    gated = gate_cfg is not None and gate_cfg.gates
     optimizer = make_optimizer(optim_cfg)
     schedule = make_schedule(optim_cfg)
     accum = optim_cfg.grad_accum_steps
@@ -285,15 +345,20 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
             return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
         view = completions_view(jax.tree_util.tree_map(flat, batch), source, state.params["student"],
                                 teacher_params, s_cfg, t_cfg, policy, key)
-        return jax.tree_util.tree_map(lambda x: x.reshape(*lead, x.shape[-1]), view), source
+        view = jax.tree_util.tree_map(lambda x: x.reshape(*lead, x.shape[-1]), view)
+        return {**batch, **view}, source
 
     def step(state: TrainState, teacher_params, batch, rng):
         batch = dict(batch)
         poison = batch.pop("poison", None)  # tests: a NaN added to every gradient exercises the rollback path
+        alpha = None
+        if gated:
+            alpha = gate_cfg.alpha(state.step, optim_cfg.total_steps)
+            state = state.replace(params=_with_alpha(state.params, alpha))
         source = jnp.zeros((), jnp.int32)
         if policy is not None and policy.generates:
             batch, source = mix(state, teacher_params, batch, rng)
-        counts = reduce(count_targets(batch["labels"]))
+        counts = reduce(batch_counts(batch, loss_cfg))
         if accum == 1:
             grads, terms = grads_of(state.params, teacher_params, batch, counts)
         else:  # micro-batches on the leading axis; each term is already divided by the global count
@@ -309,7 +374,12 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
             grads = jax.tree_util.tree_map(lambda g: g + poison.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=terms["loss"])
         updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
+        if optim_cfg.head_lr_scale != 1.0 and so8t.has_heads(updates["student"]):
+            updates = dict(updates, student={k: jax.tree_util.tree_map(lambda u: u * optim_cfg.head_lr_scale, v)
+                                             if k in so8t.HEADS else v for k, v in updates["student"].items()})
         params = optax.apply_updates(state.params, updates)
+        if gated:  # alpha is scheduled, not learned: undo weight decay's pull on it
+            params = _with_alpha(params, alpha)
         grad_norm = _tree_norm(grads)
         lr = schedule(state.step) * state.lr_scale
         if optim_cfg.plateau:
@@ -320,6 +390,8 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
                    if optim_cfg.max_grad_norm > 0 else jnp.zeros(()),
                    "lr": lr, "num_targets": counts["targets"], "source": source.astype(jnp.float32),
                    "on_policy": (source == 1).astype(jnp.float32)}
+        if gated:
+            metrics.update(gate_metrics(params["student"], alpha))
         new_state = TrainState(state.step + 1, params, opt_state, state.lr_scale)
         return new_state, metrics
 
@@ -334,10 +406,12 @@ def jit_step(step):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def pmap_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name="data", policy: PolicyConfig | None = None):
+def pmap_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name="data", policy: PolicyConfig | None = None,
+              gate_cfg: so8t.GateConfig | None = None):
     """jax.pmap over local devices: state replicated, teacher broadcast, batch split on a leading device
     axis ([n_dev, B/n_dev, ...], see `shard_for_pmap`), gradients summed with lax.psum."""
-    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name=axis_name, policy=policy)
+    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, axis_name=axis_name, policy=policy,
+                                gate_cfg=gate_cfg)
     return jax.pmap(step, axis_name=axis_name, in_axes=(0, None, 0, None), donate_argnums=(0,)), optimizer
 
 
@@ -377,11 +451,11 @@ def _teacher_spec(x, n: int, axis_name: str):
 
 
 def mesh_step(s_cfg, t_cfg, loss_cfg, optim_cfg, mesh: Mesh, shard_teacher: bool = True, axis_name="data",
-              policy: PolicyConfig | None = None):
+              policy: PolicyConfig | None = None, gate_cfg: so8t.GateConfig | None = None):
     """jax.jit over a Mesh: state replicated, batch split on the data axis, teacher params optionally sharded
     across devices (XLA gathers them layer by layer) so a teacher larger than one device fits.
     Returns (step, optimizer, place) where place(state, teacher, batch) puts arrays on their shardings."""
-    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
+    step, optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy, gate_cfg=gate_cfg)
     n = mesh.devices.size
     replicated = NamedSharding(mesh, P())
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from so8t_jax import audit, data, stability, train_step
+from so8t_jax import audit, data, so8t, stability, train_step
 from so8t_jax import model as model_lib
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.loading import Model, load, save_converted, smollm2_gguf
@@ -36,17 +36,32 @@ def resolve_teacher_path(path: str) -> pathlib.Path:
 
 
 def make_student(config, teacher: Model) -> Model:
+    """The student before training, a pure function of (config, teacher): evaluation rebuilds it the same way."""
     s = config.student
     dtype = s.dtype
     if s.init == "from_teacher":
-        return student_from_teacher(teacher, s.layers, dtype)
-    if s.init == "random":
+        student = student_from_teacher(teacher, s.layers, dtype)
+    elif s.init == "random":
         cfg = (model_lib.ModelConfig.preset(s.preset) if s.preset
                else teacher.config.replace(n_layers=s.layers, sliding_layers=teacher.config.sliding_layers and
                                            teacher.config.sliding_layers[:s.layers]))
         params = model_lib.init_params(cfg, jax.random.key(config.seed), jnp.dtype(dtype))
-        return Model(cfg, params, pathlib.Path("random"), _tokenizer=teacher.tokenizer)
-    return load(s.path, dtype)
+        student = Model(cfg, params, pathlib.Path("random"), _tokenizer=teacher.tokenizer)
+    else:
+        student = load(s.path, dtype)
+    return add_so8t_structure(config, student)
+
+
+def add_so8t_structure(config, student: Model) -> Model:
+    """Zero SO(8) gates (the identity) when so8t.gates, and fresh safety / verifier heads when their losses
+    are on and the student has none (a student loaded from a path keeps its own)."""
+    params = student.params
+    if config.so8t.gates and not so8t.has_gates(params):
+        params = so8t.with_gates(student.config, params, alpha=config.so8t.alpha_start)
+    if (config.loss.safety_weight > 0 or config.loss.verification_weight > 0) and not so8t.has_heads(params):
+        params = {**params, **so8t.init_heads(student.config.d_model, jax.random.fold_in(
+            jax.random.key(config.seed), 8))}
+    return student if params is student.params else dataclasses.replace(student, params=params)
 
 
 def reconcile_vocab(teacher: Model, student: Model) -> tuple[Model, Model, str | None]:
@@ -90,15 +105,16 @@ class _Runner:
     def __init__(self, config, s_cfg, t_cfg, loss_cfg, optim_cfg, policy):
         self.mode = config.parallel.mode
         n = jax.local_device_count()
+        kw = dict(policy=policy, gate_cfg=so8t.GateConfig(**config.so8t.to_dict()))
         if self.mode == "pmap":
-            self.step, self.optimizer = train_step.pmap_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
+            self.step, self.optimizer = train_step.pmap_step(s_cfg, t_cfg, loss_cfg, optim_cfg, **kw)
             self.n = n
         elif self.mode == "mesh":
             mesh = train_step.make_mesh()
             self.step, self.optimizer, self.place = train_step.mesh_step(
-                s_cfg, t_cfg, loss_cfg, optim_cfg, mesh, shard_teacher=config.parallel.shard_teacher, policy=policy)
+                s_cfg, t_cfg, loss_cfg, optim_cfg, mesh, shard_teacher=config.parallel.shard_teacher, **kw)
         else:
-            step, self.optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
+            step, self.optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, **kw)
             self.step = jax.jit(step, donate_argnums=(0,))
 
     def to_device(self, state, teacher):
@@ -184,7 +200,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     teacher_params = teacher.params
     state, teacher_params = runner.to_device(state, teacher_params)
     eval_fn = jax.jit(lambda p, t, b: train_step.loss_terms(
-        p, t, b, train_step.count_targets(b["labels"]), student.config, teacher.config, loss_cfg))
+        p, t, b, train_step.batch_counts(b, loss_cfg), student.config, teacher.config, loss_cfg))
 
     def evaluate(st) -> float | None:
         if not heldout_enc:
@@ -194,7 +210,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
         vals = []
         for i in range(config.train.eval_batches):
             b = hb.batch(i)
-            view = {k: jnp.asarray(b[k]) for k in ("input_ids", "attention_mask", "labels")}
+            view = {k: jnp.asarray(b[k]) for k in ("input_ids", "attention_mask", "labels", "prompt_mask",
+                                                   "safety_label")}
             vals.append(float(eval_fn(runner.host_state(st).params, teacher.params, view)["loss"]))
         return float(np.mean(vals))
 
@@ -207,7 +224,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
         batch = batcher.batch(pos)
         if accum > 1:
             batch = {k: v.reshape(accum, batch_size, *v.shape[1:]) for k, v in batch.items()}
-        dev_batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "safety_label"}
+        dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
         if pos == config.debug.inject_nan_at_step:
             dev_batch["poison"] = jnp.asarray(np.nan, jnp.float32)
         state, metrics = runner.run(state, teacher_params, dev_batch, jax.random.fold_in(base_key, pos))
@@ -238,6 +255,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
         tokens = int(np.sum(batch["attention_mask"]))
         host["tokens"] += tokens
         host["history"].append({"step": step, "loss": metrics["loss"]})
+        host["last_metrics"] = metrics
         logger.step(step, metrics, tokens)
         host_state = runner.host_state(state)
         if step % stab_cfg.snapshot_every == 0:
@@ -261,7 +279,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
     ckpt.save_final(final, meta())
     ckpt.close()
     snapshots.close()
-    save_converted(student.config, final.params["student"], tokenizer, run_dir / "student", source=str(teacher_path))
+    # the gates fold into o / down at their last alpha: student/ is a plain model of its family (+ heads)
+    save_converted(student.config, so8t.fold_gates(student.config, final.params["student"]), tokenizer,
+                   run_dir / "student", source=str(teacher_path))
     heldout_after = evaluate(state)
     results = write_results(run_dir, config, teacher, student, final, host, meta(), heldout_after, resumed_from,
                             policy_rb, vocab_note)

@@ -186,8 +186,9 @@ def test_evaluate_models_matches_numpy_reference_for_one_row(models):
     tok = teacher.tokenizer
     rng = np.random.default_rng(0)
     d = teacher.config.d_model
-    headed = so8t_jax.Model(teacher.config, dict(teacher.params, safety_head=jnp.asarray(rng.normal(size=(d, 3))),
-                                                 verifier=jnp.asarray(0.1 * rng.normal(size=d))), teacher.source)
+    heads = {"safety_head": {"w": jnp.asarray(rng.normal(size=(d, 3))), "b": jnp.asarray(rng.normal(size=3))},
+             "verifier": {"w": jnp.asarray(0.1 * rng.normal(size=d)), "b": jnp.asarray(0.2)}}
+    headed = so8t_jax.Model(teacher.config, dict(teacher.params, **heads), teacher.source)
     question = "Tom has 12 apples and buys 30 more. How many apples does he have now?"  # > 24 tokens: cut
     row = data.Row(question, "12 + 30 = 42.\n#### 42", safety_label=1, answer="42")
     m = evaluate_models(teacher, {**students, "headed": headed}, [row], **SETTINGS)
@@ -231,9 +232,10 @@ def test_evaluate_models_matches_numpy_reference_for_one_row(models):
     assert m["models"]["before"]["top1"] < 1.0
 
     hidden = np.asarray(model_lib.forward(headed.params, teacher.config, jnp.asarray([seq])).hidden, np.float64)[0]
-    safety_logits = hidden[p - 1] @ np.asarray(headed.params["safety_head"], np.float64)
+    safety_logits = hidden[p - 1] @ np.asarray(heads["safety_head"]["w"], np.float64) + np.asarray(
+        heads["safety_head"]["b"], np.float64)
     assert m["models"]["headed"]["safety_accuracy"] == float(np.argmax(safety_logits) == 1)
-    conf = 1 / (1 + np.exp(-hidden[p - 1:p + c - 1] @ np.asarray(headed.params["verifier"], np.float64)))
+    conf = 1 / (1 + np.exp(-(hidden[p - 1:p + c - 1] @ np.asarray(heads["verifier"]["w"], np.float64) + 0.2)))
     # the headed model is the teacher: every token agrees, so the ECE is the mean under-confidence
     assert m["models"]["headed"]["verifier_ece"] == pytest.approx(np.mean(1 - conf), rel=1e-4)
     assert m["counts"]["rows"] == 1 and m["counts"]["reference_tokens"] == c

@@ -4,6 +4,9 @@
 What a format cannot carry is either folded into the weights where that is exact (an attention scale the
 format fixes goes into q, or gemma3's q_norm) or raised as NotImplementedError naming the config field,
 never written silently wrong. Files appear atomically: written under a temporary name, then renamed.
+SO(8) gates are folded into o / down (so8t.fold_gates, exact) and the SO8T heads, which no format carries,
+go beside the model as so8t_heads.safetensors (inside the HF folder; X.so8t_heads.safetensors beside X.gguf),
+where `so8t_jax.load` finds them.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+from so8t_jax import so8t
 from so8t_jax.config import ModelConfig
 from so8t_jax.weights import names
 from so8t_jax.weights.hf import llama3_factors
@@ -191,6 +195,7 @@ def export_hf(cfg: ModelConfig, params: dict, tokenizer, out_dir, dtype=None) ->
     is given), config.json, generation_config.json and the tokenizer (when given)."""
     _check_supported(cfg)
     out = pathlib.Path(out_dir).absolute()
+    params, heads = so8t.split_heads(so8t.fold_gates(cfg, params))
     cfg, params = _fold_query_scale(cfg, params, cfg.scale if cfg.family == "gemma3" else cfg.head_dim ** -0.5)
     hp = hf_config(cfg)
     out_dtype = np.dtype(jnp.dtype(dtype or jax.tree_util.tree_leaves(params)[0].dtype))
@@ -205,6 +210,8 @@ def export_hf(cfg: ModelConfig, params: dict, tokenizer, out_dir, dtype=None) ->
         (tmp / "model.safetensors").chmod(0o644)  # safetensors creates it 0o600
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if heads:
+            so8t.save_heads(heads, so8t.heads_path(tmp))
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(hp, indent=2, sort_keys=True) + "\n")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -312,6 +319,7 @@ def export_gguf(cfg: ModelConfig, params: dict, tokenizer, out_path, qtype: str 
     if qtype not in _FILE_TYPE:
         raise ValueError(f"export_gguf: qtype {qtype!r} not supported; choose from {sorted(_FILE_TYPE)}")
     _check_supported(cfg)
+    params, heads = so8t.split_heads(so8t.fold_gates(cfg, params))
     # llama.cpp's attention scale: 1/sqrt(key_length); gemma3 27B (62 layers): 1/sqrt(d_model / heads)
     fixed = (cfg.d_model / cfg.n_heads if cfg.family == "gemma3" and cfg.n_layers == 62 else cfg.head_dim) ** -0.5
     cfg, params = _fold_query_scale(cfg, params, fixed)
@@ -350,6 +358,10 @@ def export_gguf(cfg: ModelConfig, params: dict, tokenizer, out_path, qtype: str 
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    if heads:
+        so8t.save_heads(heads, so8t.heads_path(out))
+    else:  # a stale heads file from an earlier export would be read back with this model
+        so8t.heads_path(out).unlink(missing_ok=True)
     return out
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from safetensors import safe_open
 
 from so8t_jax.config import ConfigError, ModelConfig
+from so8t_jax.so8t import HEADS_FILE
 from so8t_jax.weights import common, names
 
 _FAMILY = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -121,7 +122,7 @@ def _shard_files(folder: pathlib.Path) -> list[pathlib.Path]:
             raise common.WeightsError(index, f"not a safetensors index: {e}") from e
         files = sorted({folder / f for f in weight_map.values()})
     else:
-        files = sorted(folder.glob("*.safetensors"))
+        files = sorted(f for f in folder.glob("*.safetensors") if f.name != HEADS_FILE)  # SO8T heads: not the model
     if not files:
         raise common.WeightsError(folder, "no *.safetensors files (pickled .bin checkpoints are not loaded)")
     for f in files:
