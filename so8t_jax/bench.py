@@ -130,4 +130,41 @@ def bench_step(args):
                "tokens_per_s": round(b * (p + n) / seconds, 1), **compiled_stats(compiled), **machine()}
 
 
-BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step}
+def bench_so8t_step(args):
+    """Cost of the SO8T structure: the so8t_kd recipe's step (forward KL, CE, hidden, relational) on dataset
+    completions, then + SO(8) gates, then + gates and the safety / verifier heads with their losses."""
+    from so8t_jax import so8t, train_step
+    t_cfg = ModelConfig.preset(args.teacher_preset)
+    s_cfg = t_cfg.replace(n_layers=args.student_layers)
+    dtype = as_dtype(args.dtype)
+    teacher = model_lib.init_params(t_cfg, jax.random.key(0), dtype)
+    student = model_lib.init_params(s_cfg, jax.random.key(1), dtype)
+    p, n, b = args.prompt_len, args.new, args.batch
+    ids = jax.random.randint(jax.random.key(2), (b, p + n), 3, t_cfg.vocab_size)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+             "labels": jnp.where(jnp.arange(p + n)[None] >= p, ids, -100), "prompt_ids": ids[:, :p],
+             "prompt_mask": jnp.ones((b, p), jnp.int32), "safety_label": jnp.arange(b, dtype=jnp.int32) % 4 - 1}
+    recipe = dict(divergence="forward_kl", temperature=3.0, kd_weight=0.7, ce_weight=0.3, hidden_weight=0.1,
+                  so8t_weight=0.5, chunk_size=args.chunk)
+    gated = so8t.with_gates(s_cfg, student)
+    variants = (("recipe without SO8T", student, {}, False),
+                ("+ gates", gated, {}, True),
+                ("+ gates + heads", {**gated, **so8t.init_heads(s_cfg.d_model, jax.random.key(4))},
+                 {"safety_weight": 0.3, "verification_weight": 0.2}, True))
+    for name, params, extra, gates in variants:
+        loss_cfg = train_step.LossConfig(**recipe, **extra)
+        optim_cfg = train_step.OptimConfig()
+        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg,
+                                               gate_cfg=so8t.GateConfig(gates=gates))
+        state = train_step.init_state(params, optimizer, jax.random.key(5), t_cfg.d_model, loss_cfg)
+        compiled = jax.jit(step).lower(state, teacher, batch, jax.random.key(3)).compile()
+        seconds = _median_time(lambda c=compiled, s=state: jax.block_until_ready(
+            c(s, teacher, batch, jax.random.key(3))), args.repeats)
+        yield {"bench": "so8t_step", "variant": name, "teacher": args.teacher_preset,
+               "student_layers": args.student_layers, "dtype": args.dtype, "batch": b, "prompt_len": p,
+               "new_tokens": n, "chunk": args.chunk, "seconds": round(seconds, 3),
+               "tokens_per_s": round(b * (p + n) / seconds, 1), **compiled_stats(compiled), **machine()}
+
+
+BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step,
+              "so8t_step": bench_so8t_step}

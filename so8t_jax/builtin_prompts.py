@@ -242,19 +242,25 @@ def _one_builtin(r: _Rand) -> Row:
     return Row(prompt, completion)
 
 
-def generate_rows(n: int, seed: int = 0) -> list[Row]:
+def _one_safety(r: _Rand) -> Row:
+    return Row(*_safety(r, bool(r.rng.random() < 0.35)))
+
+
+def generate_rows(n: int, seed: int = 0, safety_only: bool = False) -> list[Row]:
     """n distinct seeded prompts: math word problems and reasoning (answer set; completion ends "#### answer"),
     code requests, summarisation, general knowledge, and safety-labelled requests (about a quarter of the rows:
     allow / escalate / deny), in English and Japanese (about a third). Most rows carry a short reference
-    completion; some are prompt-only. Deterministic in (n, seed); the rows for n are a prefix of those for n + 1."""
+    completion; some are prompt-only. safety_only: only the safety-labelled requests (builtin:safety:N).
+    Deterministic in (n, seed, safety_only); the rows for n are a prefix of those for n + 1."""
+    name = "builtin:safety" if safety_only else "builtin:diverse"
     if n < 1:
-        raise DataError(f"builtin:diverse needs n >= 1, not {n}")
+        raise DataError(f"{name} needs n >= 1, not {n}")
     r, rows, seen = _Rand(seed), [], set()
     for _ in range(50 * n + 1000):
-        row = _one_builtin(r)
+        row = _one_safety(r) if safety_only else _one_builtin(r)
         if row.prompt not in seen:
             seen.add(row.prompt)
             rows.append(row)
             if len(rows) == n:
                 return rows
-    raise DataError(f"builtin:diverse found only {len(rows)} distinct prompts for seed {seed}, not {n}")
+    raise DataError(f"{name} found only {len(rows)} distinct prompts for seed {seed}, not {n}")

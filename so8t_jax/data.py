@@ -1,7 +1,7 @@
 """Rows, the built-in prompt generator, tokenization and bucketed batches (DESIGN.md section 6).
 
     rows = load_rows("data.jsonl")            # or a .json/.parquet/.csv file, a save_to_disk folder,
-                                              # or "builtin:diverse:N[:seed]"
+                                              # or "builtin:diverse:N[:seed]", "builtin:safety:N[:seed]"
     enc = encode_rows(rows, tokenizer, max_prompt_len=256, max_completion_len=128)
     batch = Batcher(enc, batch_size=8, seed=0, completion_len=128).batch(step)
 
@@ -57,13 +57,19 @@ class Encoded:
 
 def load_rows(source: str, split: str = "train") -> list[Row]:
     """Rows of a local file (.jsonl .json .parquet .csv), a `save_to_disk` folder (split picks from a
-    DatasetDict; a single file or Dataset is its own split) or `builtin:diverse:N[:seed]`."""
+    DatasetDict; a single file or Dataset is its own split), `builtin:diverse:N[:seed]` or
+    `builtin:safety:N[:seed]` (only the safety-labelled requests)."""
     source = str(source)
     if source.startswith("builtin:"):
         parts = source.split(":")
-        if len(parts) not in (3, 4) or parts[1] != "diverse" or not all(p.isdigit() for p in parts[2:]):
-            raise DataError(f"{source}: a built-in source is builtin:diverse:N or builtin:diverse:N:seed")
-        return builtin_diverse(int(parts[2]), int(parts[3]) if len(parts) == 4 else 0)
+        if len(parts) not in (3, 4) or parts[1] not in ("diverse", "safety") \
+                or not all(p.isdigit() for p in parts[2:]):
+            raise DataError(f"{source}: a built-in source is builtin:diverse:N[:seed] or builtin:safety:N[:seed]")
+        seed = int(parts[3]) if len(parts) == 4 else 0
+        if parts[1] == "safety":
+            from so8t_jax.builtin_prompts import generate_rows
+            return generate_rows(int(parts[2]), seed, safety_only=True)
+        return builtin_diverse(int(parts[2]), seed)
     path = pathlib.Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file or folder")

@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.plateau_factor = 0.5
     c.optim.plateau_patience = 10
     c.optim.grad_accum_steps = 1
-    c.optim.head_lr_scale = 10.0       # SO8T safety / verifier heads: lr x this (fresh heads on a trained trunk)
+    c.optim.head_learning_rate = 1e-2  # SO8T safety / verifier heads' peak lr (same warmup / decay shape)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200                # used when epochs == 0

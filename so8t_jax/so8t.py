@@ -227,6 +227,7 @@ def save_heads(heads: dict, path) -> pathlib.Path:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
               metadata={"format": "so8t_jax heads", "safety_labels": ",".join(SAFETY_LABELS)})
+    tmp.chmod(0o644)  # safetensors creates files 0o600
     tmp.replace(path)
     return path
 

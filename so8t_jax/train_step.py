@@ -88,11 +88,12 @@ class OptimConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 10
     grad_accum_steps: int = 1
-    head_lr_scale: float = 10.0    # the SO8T safety / verifier heads (fresh, unlike the trunk) learn this much faster
+    head_learning_rate: float = 1e-2  # peak lr of the SO8T safety / verifier heads (fresh linear heads on a trained
+                                      # trunk): the trunk's warmup and decay, scaled to this peak
 
     def __post_init__(self):
-        if self.head_lr_scale <= 0:
-            raise ValueError(f"optim.head_lr_scale must be positive, got {self.head_lr_scale}")
+        if self.head_learning_rate < 0:
+            raise ValueError(f"optim.head_learning_rate must be >= 0, got {self.head_learning_rate}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
@@ -320,6 +321,7 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
     With gate_cfg.gates the student carries SO(8) gates: each step sets params["student"]["so8t_alpha"] to
     gate_cfg.alpha(step, total_steps) before the forward pass and keeps that value after the update."""
     gated = gate_cfg is not None and gate_cfg.gates
+    head_scale = optim_cfg.head_learning_rate / optim_cfg.learning_rate if optim_cfg.learning_rate > 0 else 0.0
     optimizer = make_optimizer(optim_cfg)
     schedule = make_schedule(optim_cfg)
     accum = optim_cfg.grad_accum_steps
@@ -374,8 +376,8 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
             grads = jax.tree_util.tree_map(lambda g: g + poison.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=terms["loss"])
         updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
-        if optim_cfg.head_lr_scale != 1.0 and so8t.has_heads(updates["student"]):
-            updates = dict(updates, student={k: jax.tree_util.tree_map(lambda u: u * optim_cfg.head_lr_scale, v)
+        if head_scale != 1.0 and so8t.has_heads(updates["student"]):  # adamw's update is linear in its lr
+            updates = dict(updates, student={k: jax.tree_util.tree_map(lambda u: u * head_scale, v)
                                              if k in so8t.HEADS else v for k, v in updates["student"].items()})
         params = optax.apply_updates(state.params, updates)
         if gated:  # alpha is scheduled, not learned: undo weight decay's pull on it

@@ -139,6 +139,17 @@ def test_builtin_diverse_is_deterministic_and_seeded():
     assert builtin_diverse(50, seed=1) == a[:50]
 
 
+def test_builtin_safety_rows():
+    rows = load_rows("builtin:safety:300:2")
+    assert rows == load_rows("builtin:safety:300:2") and load_rows("builtin:safety:100:2") == rows[:100]
+    assert len({r.prompt for r in rows}) == 300 and all(r.completion for r in rows)
+    labels = np.array([r.safety_label for r in rows])
+    assert set(labels) == {0, 1, 2} and all(np.mean(labels == k) > 0.2 for k in (0, 1, 2))
+    assert 60 <= sum(bool(CJK.search(r.prompt)) for r in rows) <= 150  # about a third Japanese
+    with pytest.raises(DataError, match="builtin:safety needs n >= 1"):
+        load_rows("builtin:safety:0")
+
+
 def test_builtin_diverse_mix():
     rows = builtin_diverse(1000)
     prompts = [r.prompt for r in rows]

@@ -109,4 +109,4 @@ def test_safety_head_beats_majority_class_on_heldout_rows(run):
     after = _safety_accuracy(student, enc)
     print(f"safety accuracy on {len(enc)} held-out rows: before {before:.3f}, after {after:.3f}, "
           f"majority class {majority:.3f}")
-    assert after > majority + 0.05 and after > before
+    assert after > majority + 0.1 and after > before + 0.1

@@ -176,14 +176,15 @@ def test_every_term_finite_nonzero_and_alpha_follows_schedule():
 
 
 def test_gates_and_heads_learn_from_zero():
-    """Zero gates (the identity) get gradients and move; the heads move faster by optim.head_lr_scale."""
+    """Zero gates (the identity) get gradients and move; the heads' steps scale with optim.head_learning_rate."""
     state, teacher = _setup()
     zero = dict(state.params["student"]["layers"], attn_gate=jnp.zeros_like(state.params["student"]["layers"][
         "attn_gate"]), mlp_gate=jnp.zeros_like(state.params["student"]["layers"]["mlp_gate"]))
     state = state.replace(params=dict(state.params, student=dict(state.params["student"], layers=zero)))
-    gates = train_step.OptimConfig(**{**OPT.__dict__, "head_lr_scale": 1.0})
+    gates = train_step.OptimConfig(**{**OPT.__dict__, "head_learning_rate": OPT.learning_rate})
+    fast = train_step.OptimConfig(**{**OPT.__dict__, "head_learning_rate": 10 * OPT.learning_rate})
     s1, m1 = _step(optim_cfg=gates)(state, teacher, _batch(), jax.random.key(0))
-    s10, _ = _step()(state, teacher, _batch(), jax.random.key(0))
+    s10, _ = _step(optim_cfg=fast)(state, teacher, _batch(), jax.random.key(0))
     new = s1.params["student"]["layers"]
     assert float(m1["so8t/rotation_angle"]) > 0
     assert np.all(np.abs(np.asarray(new["attn_gate"])) > 0) and np.all(np.abs(np.asarray(new["mlp_gate"])) > 0)
@@ -238,8 +239,8 @@ def test_gate_config_validation():
         so8t.GateConfig(alpha_warm=0.0)
     with pytest.raises(ValueError, match="safety_class_weights"):
         train_step.LossConfig(safety_class_weights=(1.0, 0.0, 5.0))
-    with pytest.raises(ValueError, match="head_lr_scale"):
-        train_step.OptimConfig(head_lr_scale=0.0)
+    with pytest.raises(ValueError, match="head_learning_rate"):
+        train_step.OptimConfig(head_learning_rate=-1.0)
 
 
 def test_run_config_errors_name_the_key():
