@@ -37,7 +37,7 @@ def run(tmp_path_factory):
            "--steps", str(STEPS), "--config.student.layers=2", f"--config.data.source={dataset}",
            "--config.data.heldout_fraction=0.25", "--config.data.max_prompt_len=64",
            "--config.data.prompt_buckets=(64,)", "--config.policy.max_new_tokens=8", "--config.train.eval_every=0",
-           "--config.train.sample_every=0", "--config.train.checkpoint_every=100", "--config.eval.at_end=False",
+           "--config.train.sample_every=0", "--config.train.checkpoint_every=100", "--config.eval.rows=8",
            "--config.export.formats=('hf',)", "--config.loss.pet_weight=0.05", "--config.optim.warmup_steps=2",
            "--config.optim.learning_rate=1e-4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -57,8 +57,20 @@ def test_every_term_nonzero_finite_and_logged(run):
     events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").rglob("events*"))
     for tag in ("so8t/alpha", "so8t/rotation_angle", *(f"loss/{k}" for k in TERMS)):
         assert tag.encode() in events, tag
-    assert "SO8T structure" in (run_dir / "README.md").read_text()
+    card = (run_dir / "README.md").read_text()
+    assert "SO8T structure" in card and "safety" in card and "ECE" in card
     assert audit.verify(run_dir).ok
+
+
+def test_end_of_run_evaluation_reports_the_heads(run):
+    """The trainer's teacher / before / after evaluation scores the heads of both students (8 rows here)."""
+    _, r = run
+    models = r["evaluation"]["models"]
+    assert models["teacher"]["safety_accuracy"] is None  # the teacher has no heads
+    for name in ("before", "after"):
+        assert 0.0 <= models[name]["safety_accuracy"] <= 1.0
+        assert 0.0 <= models[name]["verifier_ece"] <= 1.0
+    assert models["after"]["kl"] < models["before"]["kl"]
 
 
 def test_folded_student_and_export_equal_the_gated_model(run):
