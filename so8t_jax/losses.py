@@ -311,11 +311,16 @@ def pet_loss(hidden_BxLxD, mask_BxL, num_valid=None):
 # ------------------------------------------------------------------------------------------- aux heads
 
 
+def _safety_row_weights(labels_B, class_weights):
+    """[B] class weight of each labelled row (label >= 0), 0 for unlabelled rows (-1)."""
+    weights_K = jnp.asarray(class_weights, _F32)
+    labelled_B = labels_B >= 0
+    return jnp.where(labelled_B, weights_K[jnp.where(labelled_B, labels_B, 0)], 0.0)
+
+
 def safety_weight_sum(labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0)):
     """The safety loss's denominator: the summed class weights of the labelled rows (label >= 0)."""
-    weights_K = jnp.asarray(class_weights, _F32)
-    labelled = labels_B >= 0
-    return jnp.sum(jnp.where(labelled, weights_K[jnp.where(labelled, labels_B, 0)], 0.0))
+    return jnp.sum(_safety_row_weights(labels_B, class_weights))
 
 
 def safety_loss(safety_logits_BxK, labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0),
@@ -326,13 +331,11 @@ def safety_loss(safety_logits_BxK, labels_B, class_weights: Sequence[float] = (1
     labelled row gives 0 instead of NaN. total_weight: the global denominator (`safety_weight_sum` over every
     device and micro-batch) so that shards add up to the full batch's loss.
     """
-    weights_K = jnp.asarray(class_weights, _F32)
-    if safety_logits_BxK.shape[-1] != weights_K.shape[0]:
-        raise ValueError(f"{safety_logits_BxK.shape[-1]} classes but {weights_K.shape[0]} class weights")
+    if safety_logits_BxK.shape[-1] != len(class_weights):
+        raise ValueError(f"{safety_logits_BxK.shape[-1]} classes but {len(class_weights)} class weights")
     labelled_B = labels_B >= 0
-    labels_B = jnp.where(labelled_B, labels_B, 0)
-    nll_B = _token_nll(_zero_invalid(safety_logits_BxK, labelled_B), labels_B)
-    weight_B = jnp.where(labelled_B, weights_K[labels_B], 0.0)
+    nll_B = _token_nll(_zero_invalid(safety_logits_BxK, labelled_B), jnp.where(labelled_B, labels_B, 0))
+    weight_B = _safety_row_weights(labels_B, class_weights)
     return _masked_mean(weight_B * nll_B, labelled_B, jnp.sum(weight_B) if total_weight is None else total_weight)
 
 
