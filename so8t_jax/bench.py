@@ -101,39 +101,10 @@ def bench_generate(args):
                "seconds": round(seconds, 3), "tokens_per_s": round(args.batch * args.new / seconds, 1), **machine()}
 
 
-def bench_step(args):
-    """Distillation step time: teacher (preset, random weights) -> student of --student-layers, offline (lmbda 0)
-    and on-policy (lmbda 1: the student samples --new tokens inside the compiled step)."""
-    from so8t_jax import train_step
-    t_cfg = ModelConfig.preset(args.teacher_preset)
-    s_cfg = t_cfg.replace(n_layers=args.student_layers)
-    dtype = as_dtype(args.dtype)
-    teacher = model_lib.init_params(t_cfg, jax.random.key(0), dtype)
-    student = model_lib.init_params(s_cfg, jax.random.key(1), dtype)
-    p, n, b = args.prompt_len, args.new, args.batch
-    ids = jax.random.randint(jax.random.key(2), (b, p + n), 3, t_cfg.vocab_size)
-    labels = jnp.where(jnp.arange(p + n)[None] >= p, ids, -100)
-    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": labels,
-             "prompt_ids": ids[:, :p], "prompt_mask": jnp.ones((b, p), jnp.int32)}
-    loss_cfg = train_step.LossConfig(divergence="jsd", chunk_size=args.chunk)
-    optim_cfg = train_step.OptimConfig()
-    for lmbda in (0.0, 1.0):
-        policy = train_step.PolicyConfig(lmbda=lmbda, temperature=0.9, max_new_tokens=n, eos_ids=())
-        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
-        state = train_step.init_state(student, optimizer)
-        compiled = jax.jit(step).lower(state, teacher, batch, jax.random.key(3)).compile()
-        seconds = _median_time(lambda c=compiled, s=state: jax.block_until_ready(
-            c(s, teacher, batch, jax.random.key(3))), args.repeats)
-        yield {"bench": "step", "teacher": args.teacher_preset, "student_layers": args.student_layers,
-               "lmbda": lmbda, "dtype": args.dtype, "batch": b, "prompt_len": p, "new_tokens": n,
-               "chunk": args.chunk, "seconds": round(seconds, 3),
-               "tokens_per_s": round(b * (p + n) / seconds, 1), **compiled_stats(compiled), **machine()}
-
-
-def bench_so8t_step(args):
-    """Cost of the SO8T structure: the so8t_kd recipe's step (forward KL, CE, hidden, relational) on dataset
-    completions, then + SO(8) gates, then + gates and the safety / verifier heads with their losses."""
-    from so8t_jax import so8t, train_step
+def _step_inputs(args):
+    """(t_cfg, s_cfg, teacher, student, batch) of the step benchmarks: random weights of --teacher-preset and
+    its first --student-layers layers, --batch rows of --prompt-len prompt + --new completion tokens, a quarter
+    of them unlabelled for safety and the rest cycling through the three labels."""
     t_cfg = ModelConfig.preset(args.teacher_preset)
     s_cfg = t_cfg.replace(n_layers=args.student_layers)
     dtype = as_dtype(args.dtype)
@@ -144,6 +115,40 @@ def bench_so8t_step(args):
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
              "labels": jnp.where(jnp.arange(p + n)[None] >= p, ids, -100), "prompt_ids": ids[:, :p],
              "prompt_mask": jnp.ones((b, p), jnp.int32), "safety_label": jnp.arange(b, dtype=jnp.int32) % 4 - 1}
+    return t_cfg, s_cfg, teacher, student, batch
+
+
+def _time_step(args, step, state, teacher, batch) -> dict:
+    """Compile once, then the median step time and the compiled step's FLOPs / memory as a result row."""
+    compiled = jax.jit(step).lower(state, teacher, batch, jax.random.key(3)).compile()
+    seconds = _median_time(lambda: jax.block_until_ready(compiled(state, teacher, batch, jax.random.key(3))),
+                           args.repeats)
+    tokens = args.batch * (args.prompt_len + args.new)
+    return {"teacher": args.teacher_preset, "student_layers": args.student_layers, "dtype": args.dtype,
+            "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new, "chunk": args.chunk,
+            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), **compiled_stats(compiled),
+            **machine()}
+
+
+def bench_step(args):
+    """Distillation step time: teacher (preset, random weights) -> student of --student-layers, offline (lmbda 0)
+    and on-policy (lmbda 1: the student samples --new tokens inside the compiled step)."""
+    from so8t_jax import train_step
+    t_cfg, s_cfg, teacher, student, batch = _step_inputs(args)
+    loss_cfg = train_step.LossConfig(divergence="jsd", chunk_size=args.chunk)
+    optim_cfg = train_step.OptimConfig()
+    for lmbda in (0.0, 1.0):
+        policy = train_step.PolicyConfig(lmbda=lmbda, temperature=0.9, max_new_tokens=args.new, eos_ids=())
+        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
+        state = train_step.init_state(student, optimizer)
+        yield {"bench": "step", "lmbda": lmbda, **_time_step(args, step, state, teacher, batch)}
+
+
+def bench_so8t_step(args):
+    """Cost of the SO8T structure: the so8t_kd recipe's step (forward KL, CE, hidden, relational) on dataset
+    completions, then + SO(8) gates, then + gates and the safety / verifier heads with their losses."""
+    from so8t_jax import so8t, train_step
+    t_cfg, s_cfg, teacher, student, batch = _step_inputs(args)
     recipe = dict(divergence="forward_kl", temperature=3.0, kd_weight=0.7, ce_weight=0.3, hidden_weight=0.1,
                   so8t_weight=0.5, chunk_size=args.chunk)
     gated = so8t.with_gates(s_cfg, student)
@@ -153,17 +158,10 @@ def bench_so8t_step(args):
                  {"safety_weight": 0.3, "verification_weight": 0.2}, True))
     for name, params, extra, gates in variants:
         loss_cfg = train_step.LossConfig(**recipe, **extra)
-        optim_cfg = train_step.OptimConfig()
-        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg,
+        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, train_step.OptimConfig(),
                                                gate_cfg=so8t.GateConfig(gates=gates))
         state = train_step.init_state(params, optimizer, jax.random.key(5), t_cfg.d_model, loss_cfg)
-        compiled = jax.jit(step).lower(state, teacher, batch, jax.random.key(3)).compile()
-        seconds = _median_time(lambda c=compiled, s=state: jax.block_until_ready(
-            c(s, teacher, batch, jax.random.key(3))), args.repeats)
-        yield {"bench": "so8t_step", "variant": name, "teacher": args.teacher_preset,
-               "student_layers": args.student_layers, "dtype": args.dtype, "batch": b, "prompt_len": p,
-               "new_tokens": n, "chunk": args.chunk, "seconds": round(seconds, 3),
-               "tokens_per_s": round(b * (p + n) / seconds, 1), **compiled_stats(compiled), **machine()}
+        yield {"bench": "so8t_step", "variant": name, **_time_step(args, step, state, teacher, batch)}
 
 
 BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step,
