@@ -159,6 +159,14 @@ class Monitor:
     def medians(self) -> dict[str, float]:
         return {k: float(np.median(v)) for k, v in self.history.items() if v}
 
+    def _over_median(self, value: float, history, factor: float) -> float | None:
+        """The median of `history` when value > factor x that median (factor 0: off; needs min_history)."""
+        if factor and len(history) >= self.cfg.min_history:
+            med = float(np.median(history))
+            if value > factor * med:
+                return med
+        return None
+
     def check(self, step: int, metrics: dict, norms=None) -> list[Anomaly]:
         cfg, step, found = self.cfg, int(step), []
         loss = float(metrics["loss"]) if "loss" in metrics else None
@@ -166,22 +174,18 @@ class Monitor:
         if loss is not None:
             if not _finite(loss):
                 found.append(Anomaly("nonfinite_loss", step, f"loss is {loss}", loss))
-            elif cfg.spike_factor and len(self.losses) >= cfg.min_history:
-                med = float(np.median(self.losses))
-                if loss > cfg.spike_factor * med:
-                    found.append(Anomaly("loss_spike", step, f"loss {loss:.6g} > {cfg.spike_factor:g} x median "
-                                         f"{med:.6g} of the last {len(self.losses)} healthy steps", loss))
+            elif (med := self._over_median(loss, self.losses, cfg.spike_factor)) is not None:
+                found.append(Anomaly("loss_spike", step, f"loss {loss:.6g} > {cfg.spike_factor:g} x median "
+                                     f"{med:.6g} of the last {len(self.losses)} healthy steps", loss))
         if grad is not None:
             if not _finite(grad):
                 found.append(Anomaly("nonfinite_grad", step, f"grad norm is {grad}", grad))
             elif cfg.max_grad_norm and grad > cfg.max_grad_norm:
                 found.append(Anomaly("grad_explosion", step,
                                      f"grad norm {grad:.6g} > max_grad_norm {cfg.max_grad_norm:g}", grad))
-            elif cfg.max_grad_norm_factor and len(self.grad_norms) >= cfg.min_history:
-                med = float(np.median(self.grad_norms))
-                if grad > cfg.max_grad_norm_factor * med:
-                    found.append(Anomaly("grad_explosion", step, f"grad norm {grad:.6g} > "
-                                         f"{cfg.max_grad_norm_factor:g} x median {med:.6g}", grad))
+            elif (med := self._over_median(grad, self.grad_norms, cfg.max_grad_norm_factor)) is not None:
+                found.append(Anomaly("grad_explosion", step, f"grad norm {grad:.6g} > "
+                                     f"{cfg.max_grad_norm_factor:g} x median {med:.6g}", grad))
         if norms is not None:
             found += self._check_norms(step, flatten_norms(norms))
         if found:
