@@ -151,7 +151,7 @@ def _so8t_section(r: dict, c) -> str:
                      f"{c.so8t.alpha_end} (last {m.get('so8t/alpha', float('nan')):.3f}, mean rotation angle "
                      f"{m.get('so8t/rotation_angle', float('nan')):.4f} rad), folded into o_proj / down_proj: the "
                      "exported student is a plain model of its family.")
-    if c.loss.safety_weight > 0 or c.loss.verification_weight > 0:
+    if train_step.needs_heads(c.loss):
         lines.append("Safety head (allow / escalate / deny, last prompt token) and per-token verifier head: "
                      "`so8t_heads.safetensors` beside each export (torch.nn.Linear layout), restored by "
                      "`so8t_jax.load`; `so8t_jax.generate(student, prompts, 32, return_judgments=True)` returns "

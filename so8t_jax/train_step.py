@@ -67,7 +67,12 @@ class LossConfig:
 
     @property
     def needs_heads(self) -> bool:
-        return self.safety_weight > 0 or self.verification_weight > 0
+        return needs_heads(self)
+
+
+def needs_heads(loss) -> bool:
+    """Whether the safety / verification terms are on (a LossConfig or a run config's `loss` block)."""
+    return loss.safety_weight > 0 or loss.verification_weight > 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,7 @@ def add_so8t_structure(config, student: Model) -> Model:
     params = student.params
     if config.so8t.gates and not so8t.has_gates(params):
         params = so8t.with_gates(student.config, params, alpha=config.so8t.alpha_start)
-    if (config.loss.safety_weight > 0 or config.loss.verification_weight > 0) and not so8t.has_heads(params):
+    if train_step.needs_heads(config.loss) and not so8t.has_heads(params):
         params = {**params, **so8t.init_heads(student.config.d_model, jax.random.fold_in(
             jax.random.key(config.seed), 8))}
     return student if params is student.params else dataclasses.replace(student, params=params)
