@@ -4,16 +4,11 @@
     python scripts/audit.py verify RUN_DIR_OR_DB
 verify prints "OK: N events, chain intact" and exits 0, or prints each problem and exits 1.
 """
-import os
+import argparse
+import json
 import sys
 
-# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-from so8t_jax import audit  # noqa: E402
+from so8t_jax import audit
 
 
 def main():

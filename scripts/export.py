@@ -4,15 +4,9 @@
 
 writes OUT_DIR/hf/ (transformers loads it) and OUT_DIR/student-<type>.gguf (llama.cpp loads it).
 """
-import os
-import sys
+import argparse
 
-# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-
-from so8t_jax.weights.export import export  # noqa: E402
+from so8t_jax.weights.export import export
 
 
 def main():

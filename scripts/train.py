@@ -9,15 +9,9 @@
 (teacher.path), --output (output_dir), --steps (train.steps), --epochs (train.epochs), --samples (the N of
 data.source=builtin:diverse:N), --resume / --noresume (train.resume).
 """
-import os
 import sys
 
-# scripts/inspect.py shadows the standard library's `inspect` for every script here: drop scripts/ from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the configs package
-
-from so8t_jax.cli import run_train  # noqa: E402
+from so8t_jax.cli import run_train
 
 if __name__ == "__main__":
     sys.exit(run_train(sys.argv))

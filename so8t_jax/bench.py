@@ -9,6 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from so8t_jax import completions, objective, optim, so8t, train_step
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 from so8t_jax.loading import as_dtype, load, smollm2_gguf
@@ -133,12 +134,12 @@ def _time_step(args, step, state, teacher, batch) -> dict:
 def bench_step(args):
     """Distillation step time: teacher (preset, random weights) -> student of --student-layers, offline (lmbda 0)
     and on-policy (lmbda 1: the student samples --new tokens inside the compiled step)."""
-    from so8t_jax import train_step
+
     t_cfg, s_cfg, teacher, student, batch = _step_inputs(args)
-    loss_cfg = train_step.LossConfig(divergence="jsd", chunk_size=args.chunk)
-    optim_cfg = train_step.OptimConfig()
+    loss_cfg = objective.LossConfig(divergence="jsd", chunk_size=args.chunk)
+    optim_cfg = optim.OptimConfig()
     for lmbda in (0.0, 1.0):
-        policy = train_step.PolicyConfig(lmbda=lmbda, temperature=0.9, max_new_tokens=args.new, eos_ids=())
+        policy = completions.PolicyConfig(lmbda=lmbda, temperature=0.9, max_new_tokens=args.new, eos_ids=())
         step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
         state = train_step.init_state(student, optimizer)
         yield {"bench": "step", "lmbda": lmbda, **_time_step(args, step, state, teacher, batch)}
@@ -147,7 +148,7 @@ def bench_step(args):
 def bench_so8t_step(args):
     """Cost of the SO8T structure: the so8t_kd recipe's step (forward KL, CE, hidden, relational) on dataset
     completions, then + SO(8) gates, then + gates and the safety / verifier heads with their losses."""
-    from so8t_jax import so8t, train_step
+
     t_cfg, s_cfg, teacher, student, batch = _step_inputs(args)
     recipe = dict(divergence="forward_kl", temperature=3.0, kd_weight=0.7, ce_weight=0.3, hidden_weight=0.1,
                   so8t_weight=0.5, chunk_size=args.chunk)
@@ -157,8 +158,8 @@ def bench_so8t_step(args):
                 ("+ gates + heads", {**gated, **so8t.init_heads(s_cfg.d_model, jax.random.key(4))},
                  {"safety_weight": 0.3, "verification_weight": 0.2}, True))
     for name, params, extra, gates in variants:
-        loss_cfg = train_step.LossConfig(**recipe, **extra)
-        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, train_step.OptimConfig(),
+        loss_cfg = objective.LossConfig(**recipe, **extra)
+        step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim.OptimConfig(),
                                                gate_cfg=so8t.GateConfig(gates=gates))
         state = train_step.init_state(params, optimizer, jax.random.key(5), t_cfg.d_model, loss_cfg)
         yield {"bench": "so8t_step", "variant": name, **_time_step(args, step, state, teacher, batch)}

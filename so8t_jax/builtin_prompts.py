@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from so8t_jax.data import DataError, Row
+from so8t_jax.rows import DataError, Row
 
 # ------------------------------------------------------------------------------------------------ builtin
 # Tables hold (English, Japanese) pairs, indexed by `ja` (a bool).

@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+from so8t_jax.config import set_path
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SHORTCUTS = {"teacher": "teacher.path", "output": "output_dir", "steps": "train.steps", "epochs": "train.epochs",
              "run_name": "run_name"}
@@ -55,6 +57,7 @@ def run_train(argv: list[str]) -> int:
         import logging as py_logging
 
         from absl import logging
+
         from so8t_jax.trainer import train
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         py_logging.getLogger("absl").setLevel(py_logging.WARNING)
@@ -63,7 +66,7 @@ def run_train(argv: list[str]) -> int:
             for flag, key in SHORTCUTS.items():
                 value = getattr(FLAGS, flag)
                 if value is not None:
-                    _set(config, key, value)
+                    set_path(config, key, value)
             if FLAGS.samples is not None:
                 config.data.source = f"builtin:diverse:{FLAGS.samples}"
             if FLAGS.resume is not None:
@@ -84,10 +87,3 @@ def run_train(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else (print(e.code, file=sys.stderr) or 2)
     return 0
-
-
-def _set(config, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        config = getattr(config, p)
-    setattr(config, leaf, value)

@@ -135,3 +135,14 @@ class ModelConfig:
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; known: {sorted(presets)}")
         return presets[name](**kw)
+
+
+def set_path(tree, path: str, value, sep: str = ".") -> None:
+    """tree[a][b][c] = value for path "a.b.c" (sep "/" for parameter names), creating missing levels as dicts;
+    tree is a nested dict or an ml_collections ConfigDict."""
+    *parents, leaf = path.split(sep)
+    for part in parents:
+        if part not in tree:
+            tree[part] = {}
+        tree = tree[part]
+    tree[leaf] = value

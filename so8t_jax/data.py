@@ -22,25 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from so8t_jax.builtin_prompts import generate_rows
+from so8t_jax.conventions import IGNORE_INDEX, SAFETY_LABELS
 from so8t_jax.loading import encode_prompt
+from so8t_jax.rows import DataError, Row
 
-IGNORE_INDEX = -100  # TRL's label for "no target here"
-SAFETY_LABELS = ("allow", "escalate", "deny")  # class ids 0, 1, 2; -1 = unlabelled
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """A data source or row that cannot be used; the message names the source, the row and the problem."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One example. prompt: a string, a tuple of {"role", "content"} messages, or None ({"text"} rows);
-    completion: None when the student or teacher generates it; safety_label: 0/1/2 or -1."""
-    prompt: str | tuple[dict[str, str], ...] | None
-    completion: str | None
-    safety_label: int = -1
-    answer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +54,6 @@ def load_rows(source: str, split: str = "train") -> list[Row]:
             raise DataError(f"{source}: a built-in source is builtin:diverse:N[:seed] or builtin:safety:N[:seed]")
         seed = int(parts[3]) if len(parts) == 4 else 0
         if parts[1] == "safety":
-            from so8t_jax.builtin_prompts import generate_rows
             return generate_rows(int(parts[2]), seed, safety_only=True)
         return builtin_diverse(int(parts[2]), seed)
     path = pathlib.Path(source)
@@ -349,5 +335,4 @@ class Batcher:
 def builtin_diverse(n: int, seed: int = 0) -> list[Row]:
     """n seeded, varied prompts (math, code, summaries, reasoning, knowledge, safety-labelled requests;
     English and Japanese): see so8t_jax/builtin_prompts.py."""
-    from so8t_jax.builtin_prompts import generate_rows
     return generate_rows(n, seed)

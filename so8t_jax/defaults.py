@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.schedule = "cosine"        # cosine | linear | exponential | constant
     c.optim.decay_rate = 0.1
     c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9                   # AdamW moments
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
     c.optim.max_grad_norm = 1.0
     c.optim.adaptive_clip = 0.0
     c.optim.plateau = False
@@ -124,7 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "single"         # single | pmap | mesh
     c.parallel.shard_teacher = False   # mesh: shard teacher params across devices
-
-    c.debug = ml_collections.ConfigDict()
-    c.debug.inject_nan_at_step = -1    # tests: poison this step's gradients to exercise rollback
     return c
+
+
+# The one source of defaults: the config dataclasses (OptimConfig, LossConfig, PolicyConfig, StabilityConfig,
+# GateConfig) take their field defaults from here (tests/test_defaults.py checks that they agree).
+DEFAULTS = ml_collections.FrozenConfigDict(get_config())

@@ -5,6 +5,7 @@ Conventions shared by the token-level losses:
   math, so their contents (even inf/NaN) reach neither the value nor the gradient.
 - Masked means divide by the number of valid tokens, or by `num_valid` when given (the global count over
   devices / accumulation steps). A zero count gives 0, never NaN.
+Axis letters: so8t_jax/conventions.py.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-IGNORE_INDEX = -100
+from so8t_jax.conventions import IGNORE_INDEX
+
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")
 _F32 = jnp.float32
 
@@ -61,10 +63,11 @@ def _check_beta(beta):
     return beta
 
 
-def _per_token_divergence(student_logits_NxV, teacher_logits_NxV, kind, beta, temperature):
-    """Per-token divergence [N] of the given kind (see forward_kl, reverse_kl, generalized_jsd)."""
-    logp_s = jax.nn.log_softmax(student_logits_NxV.astype(_F32) / temperature, axis=-1)
-    logp_t = jax.nn.log_softmax(teacher_logits_NxV.astype(_F32) / temperature, axis=-1)
+def _per_token_divergence(student_logits, teacher_logits, kind, beta, temperature):
+    """Logits [..., V] -> per-token divergence [...] of the given kind (see forward_kl, reverse_kl,
+    generalized_jsd)."""
+    logp_s = jax.nn.log_softmax(student_logits.astype(_F32) / temperature, axis=-1)
+    logp_t = jax.nn.log_softmax(teacher_logits.astype(_F32) / temperature, axis=-1)
     if kind == "forward_kl":
         return temperature**2 * _kl(logp_t, logp_s)
     if kind == "reverse_kl":
@@ -80,11 +83,11 @@ def _per_token_divergence(student_logits_NxV, teacher_logits_NxV, kind, beta, te
     return beta * _kl(logp_t, log_m) + (1.0 - beta) * _kl(logp_s, log_m)
 
 
-def _token_nll(logits_NxV, labels_N):
-    """-log softmax(logits)[label] in fp32; labels must be in range."""
-    logits_NxV = logits_NxV.astype(_F32)
-    label_logit_N = jnp.take_along_axis(logits_NxV, labels_N[..., None], axis=-1)[..., 0]
-    return logsumexp(logits_NxV, axis=-1) - label_logit_N
+def _token_nll(logits, labels):
+    """-log softmax(logits)[label] in fp32: logits [..., V] (or [..., 3] classes), labels [...] in range."""
+    logits = logits.astype(_F32)
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return logsumexp(logits, axis=-1) - label_logit
 
 
 def _ce_validity(labels_BxL, mask_BxL):
@@ -153,15 +156,15 @@ def _chunk_plan(shape_BxL, chunk_size):
 
 
 def _to_chunks(x_BxLx_, chunk_size, n_pad):
-    """[B, L, ...] -> [C, chunk_size, ...]: flattened tokens plus n_pad zero rows (masked out)."""
-    x_Nx_ = x_BxLx_.reshape((-1,) + x_BxLx_.shape[2:])
-    x_Nx_ = jnp.pad(x_Nx_, [(0, n_pad)] + [(0, 0)] * (x_Nx_.ndim - 1))
-    return x_Nx_.reshape((-1, chunk_size) + x_Nx_.shape[1:])
+    """[B, L, ...] -> [W, C, ...] (C = chunk_size): flattened tokens plus n_pad zero rows (masked out)."""
+    flat = x_BxLx_.reshape((-1,) + x_BxLx_.shape[2:])  # [B * L, ...]
+    flat = jnp.pad(flat, [(0, n_pad)] + [(0, 0)] * (flat.ndim - 1))  # [W * C, ...]
+    return flat.reshape((-1, chunk_size) + flat.shape[1:])
 
 
-def _logits(hidden_KxD, head_DxV):
+def _logits(hidden_CxD, head_DxV):
     # Inputs keep their dtype (no fp32 copy of a bf16 head); accumulation and all that follows is fp32.
-    return jnp.dot(hidden_KxD, head_DxV, preferred_element_type=_F32)
+    return jnp.dot(hidden_CxD, head_DxV, preferred_element_type=_F32)
 
 
 def chunked_divergence(student_hidden_BxLxDs, student_head_DsxV, teacher_hidden_BxLxDt, teacher_head_DtxV,
@@ -179,29 +182,29 @@ def chunked_divergence(student_hidden_BxLxDs, student_head_DsxV, teacher_hidden_
     beta = _check_beta(beta) if kind == "jsd" else 0.0
     valid_BxL = _valid(mask_BxL)
     chunk, n_pad = _chunk_plan(valid_BxL.shape, chunk_size)
-    hs_CxKxDs = _to_chunks(_zero_invalid(student_hidden_BxLxDs, valid_BxL), chunk, n_pad)
-    ht_CxKxDt = _to_chunks(_zero_invalid(teacher_hidden_BxLxDt, valid_BxL), chunk, n_pad)
-    valid_CxK = _to_chunks(valid_BxL, chunk, n_pad)
+    hs_WxCxDs = _to_chunks(_zero_invalid(student_hidden_BxLxDs, valid_BxL), chunk, n_pad)
+    ht_WxCxDt = _to_chunks(_zero_invalid(teacher_hidden_BxLxDt, valid_BxL), chunk, n_pad)
+    valid_WxC = _to_chunks(valid_BxL, chunk, n_pad)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)  # CSE is safe to allow inside scan
-    def chunk_sum(hs_KxDs, head_s_DsxV, ht_KxDt, head_t_DtxV, valid_K):
-        logits_s_KxV, logits_t_KxV = _logits(hs_KxDs, head_s_DsxV), _logits(ht_KxDt, head_t_DtxV)
-        per_token_K = _per_token_divergence(logits_s_KxV, logits_t_KxV, kind, beta, temperature)
-        part = jnp.sum(jnp.where(valid_K, per_token_K, 0.0))
+    def chunk_sum(hs_CxDs, head_s_DsxV, ht_CxDt, head_t_DtxV, valid_C):
+        logits_s_CxV, logits_t_CxV = _logits(hs_CxDs, head_s_DsxV), _logits(ht_CxDt, head_t_DtxV)
+        per_token_C = _per_token_divergence(logits_s_CxV, logits_t_CxV, kind, beta, temperature)
+        part = jnp.sum(jnp.where(valid_C, per_token_C, 0.0))
         if not return_agreement:
             return part, None
-        return part, jax.lax.stop_gradient(jnp.argmax(logits_s_KxV, -1) == jnp.argmax(logits_t_KxV, -1))
+        return part, jax.lax.stop_gradient(jnp.argmax(logits_s_CxV, -1) == jnp.argmax(logits_t_CxV, -1))
 
     def step(total, xs):
-        hs_KxDs, ht_KxDt, valid_K = xs
-        part, agree_K = chunk_sum(hs_KxDs, student_head_DsxV, ht_KxDt, teacher_head_DtxV, valid_K)
-        return total + part, agree_K
+        hs_CxDs, ht_CxDt, valid_C = xs
+        part, agree_C = chunk_sum(hs_CxDs, student_head_DsxV, ht_CxDt, teacher_head_DtxV, valid_C)
+        return total + part, agree_C
 
-    total, agree_CxK = jax.lax.scan(step, jnp.zeros((), _F32), (hs_CxKxDs, ht_CxKxDt, valid_CxK))
+    total, agree_WxC = jax.lax.scan(step, jnp.zeros((), _F32), (hs_WxCxDs, ht_WxCxDt, valid_WxC))
     loss = _safe_div(total, _count(valid_BxL, num_valid))
     if not return_agreement:
         return loss
-    return loss, agree_CxK.reshape(-1)[: valid_BxL.size].reshape(valid_BxL.shape)
+    return loss, agree_WxC.reshape(-1)[: valid_BxL.size].reshape(valid_BxL.shape)
 
 
 def chunked_cross_entropy(hidden_BxLxD, head_DxV, labels_BxL, chunk_size=1024, mask_BxL=None,
@@ -209,19 +212,19 @@ def chunked_cross_entropy(hidden_BxLxD, head_DxV, labels_BxL, chunk_size=1024, m
     """`cross_entropy` of the logits hidden @ head, chunk_size tokens at a time (scan + checkpoint)."""
     valid_BxL, labels_BxL = _ce_validity(labels_BxL, mask_BxL)
     chunk, n_pad = _chunk_plan(valid_BxL.shape, chunk_size)
-    h_CxKxD = _to_chunks(_zero_invalid(hidden_BxLxD, valid_BxL), chunk, n_pad)
-    labels_CxK = _to_chunks(labels_BxL, chunk, n_pad)
-    valid_CxK = _to_chunks(valid_BxL, chunk, n_pad)
+    h_WxCxD = _to_chunks(_zero_invalid(hidden_BxLxD, valid_BxL), chunk, n_pad)
+    labels_WxC = _to_chunks(labels_BxL, chunk, n_pad)
+    valid_WxC = _to_chunks(valid_BxL, chunk, n_pad)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_sum(h_KxD, head_DxV, labels_K, valid_K):
-        return jnp.sum(jnp.where(valid_K, _token_nll(_logits(h_KxD, head_DxV), labels_K), 0.0))
+    def chunk_sum(h_CxD, head_DxV, labels_C, valid_C):
+        return jnp.sum(jnp.where(valid_C, _token_nll(_logits(h_CxD, head_DxV), labels_C), 0.0))
 
     def step(total, xs):
-        h_KxD, labels_K, valid_K = xs
-        return total + chunk_sum(h_KxD, head_DxV, labels_K, valid_K), None
+        h_CxD, labels_C, valid_C = xs
+        return total + chunk_sum(h_CxD, head_DxV, labels_C, valid_C), None
 
-    total, _ = jax.lax.scan(step, jnp.zeros((), _F32), (h_CxKxD, labels_CxK, valid_CxK))
+    total, _ = jax.lax.scan(step, jnp.zeros((), _F32), (h_WxCxD, labels_WxC, valid_WxC))
     return _safe_div(total, _count(valid_BxL, num_valid))
 
 
@@ -241,27 +244,28 @@ def default_layer_map(n_student, n_teacher):
                  for i in range(n_student))
 
 
-def _gather_pairs(student_hiddens_LsxBxLxDs, teacher_hiddens_LtxBxLxDt, layer_map):
+def _gather_pairs(student_hiddens_YsxBxLxDs, teacher_hiddens_YtxBxLxDt, layer_map):
+    """The mapped layers' hiddens: student [Y, B, L, Ds], teacher [Y, B, L, Dt], Y = len(layer_map)."""
     layer_map = tuple((int(i), int(j)) for i, j in layer_map)
     if not layer_map:
         raise ValueError("layer_map is empty")
-    idx_s_P = jnp.asarray([i for i, _ in layer_map])
-    idx_t_P = jnp.asarray([j for _, j in layer_map])
-    return student_hiddens_LsxBxLxDs[idx_s_P], teacher_hiddens_LtxBxLxDt[idx_t_P]
+    idx_s_Y = jnp.asarray([i for i, _ in layer_map])
+    idx_t_Y = jnp.asarray([j for _, j in layer_map])
+    return student_hiddens_YsxBxLxDs[idx_s_Y], teacher_hiddens_YtxBxLxDt[idx_t_Y]
 
 
-def hidden_matching(student_hiddens_LsxBxLxDs, teacher_hiddens_LtxBxLxDt, projection_DsxDt, mask_BxL,
+def hidden_matching(student_hiddens_YsxBxLxDs, teacher_hiddens_YtxBxLxDt, projection_DsxDt, mask_BxL,
                     layer_map, num_valid=None):
-    """Mean over mapped pairs (i, j) and valid tokens of ||h_S[i] W - h_T[j]||^2 / D_T.
+    """Mean over mapped pairs (i, j) and valid tokens of ||h_S[i] W - h_T[j]||^2 / Dt.
 
     Hiddens are stacked per layer on axis 0 and layer_map's indices index that axis.
     """
     valid_BxL = _valid(mask_BxL)
-    hs_PxBxLxDs, ht_PxBxLxDt = _gather_pairs(student_hiddens_LsxBxLxDs, teacher_hiddens_LtxBxLxDt, layer_map)
-    hs_PxBxLxDs = _zero_invalid(hs_PxBxLxDs.astype(_F32), valid_BxL[None])
-    ht_PxBxLxDt = _zero_invalid(ht_PxBxLxDt.astype(_F32), valid_BxL[None])
-    proj_PxBxLxDt = jnp.einsum("PBLS,ST->PBLT", hs_PxBxLxDs, projection_DsxDt.astype(_F32))
-    err_BxL = jnp.mean(jnp.square(proj_PxBxLxDt - ht_PxBxLxDt), axis=(0, 3))
+    hs_YxBxLxDs, ht_YxBxLxDt = _gather_pairs(student_hiddens_YsxBxLxDs, teacher_hiddens_YtxBxLxDt, layer_map)
+    hs_YxBxLxDs = _zero_invalid(hs_YxBxLxDs.astype(_F32), valid_BxL[None])
+    ht_YxBxLxDt = _zero_invalid(ht_YxBxLxDt.astype(_F32), valid_BxL[None])
+    proj_YxBxLxDt = jnp.einsum("YBLs,st->YBLt", hs_YxBxLxDs, projection_DsxDt.astype(_F32))  # s, t: Ds, Dt
+    err_BxL = jnp.mean(jnp.square(proj_YxBxLxDt - ht_YxBxLxDt), axis=(0, 3))
     return _masked_mean(err_BxL, valid_BxL, num_valid)
 
 
@@ -274,12 +278,12 @@ def _normalized_rows(h_BxLxD, valid_BxL, eps=1e-12):
 @jax.checkpoint  # backward keeps the inputs, not one pair of [B, L, L] Grams per mapped layer pair
 def _gram_sq_error(hs_BxLxDs, ht_BxLxDt, valid_BxL):
     ns_BxLxDs, nt_BxLxDt = _normalized_rows(hs_BxLxDs, valid_BxL), _normalized_rows(ht_BxLxDt, valid_BxL)
-    gram_s_BxLxL = jnp.einsum("BLD,BMD->BLM", ns_BxLxDs, ns_BxLxDs)
-    gram_t_BxLxL = jnp.einsum("BLD,BMD->BLM", nt_BxLxDt, nt_BxLxDt)
+    gram_s_BxLxL = jnp.einsum("BLD,BlD->BLl", ns_BxLxDs, ns_BxLxDs)  # l: the second token axis
+    gram_t_BxLxL = jnp.einsum("BLD,BlD->BLl", nt_BxLxDt, nt_BxLxDt)
     return jnp.sum(jnp.square(gram_s_BxLxL - gram_t_BxLxL), axis=(1, 2))
 
 
-def relational_gram_loss(student_hiddens_LsxBxLxDs, teacher_hiddens_LtxBxLxDt, mask_BxL, layer_map,
+def relational_gram_loss(student_hiddens_YsxBxLxDs, teacher_hiddens_YtxBxLxDt, mask_BxL, layer_map,
                          num_sequences=None):
     """SO8T relational loss: ||G_S - G_T||_F^2 / n_valid^2 per sequence, G = H^ H^T over valid tokens.
 
@@ -288,9 +292,9 @@ def relational_gram_loss(student_hiddens_LsxBxLxDs, teacher_hiddens_LtxBxLxDt, m
     `num_sequences`, if given, overrides the (global) count of such sequences.
     """
     valid_BxL = _valid(mask_BxL)
-    hs_PxBxLxDs, ht_PxBxLxDt = _gather_pairs(student_hiddens_LsxBxLxDs, teacher_hiddens_LtxBxLxDt, layer_map)
-    n_pairs = hs_PxBxLxDs.shape[0]
-    sq_err_B = sum(_gram_sq_error(hs_PxBxLxDs[p], ht_PxBxLxDt[p], valid_BxL) for p in range(n_pairs))
+    hs_YxBxLxDs, ht_YxBxLxDt = _gather_pairs(student_hiddens_YsxBxLxDs, teacher_hiddens_YtxBxLxDt, layer_map)
+    n_pairs = hs_YxBxLxDs.shape[0]
+    sq_err_B = sum(_gram_sq_error(hs_YxBxLxDs[y], ht_YxBxLxDt[y], valid_BxL) for y in range(n_pairs))
     n_B = jnp.sum(valid_BxL, axis=-1, dtype=_F32)
     per_seq_B = _safe_div(sq_err_B / n_pairs, jnp.square(n_B))
     return _masked_mean(per_seq_B, n_B > 0, num_sequences)
@@ -303,9 +307,10 @@ def pet_loss(hidden_BxLxD, mask_BxL, num_valid=None):
     """
     valid_BxL = _valid(mask_BxL)
     h_BxLxD = _zero_invalid(hidden_BxLxD.astype(_F32), valid_BxL)
-    accel_BxTxD = h_BxLxD[:, 2:] - 2.0 * h_BxLxD[:, 1:-1] + h_BxLxD[:, :-2]
-    valid_BxT = valid_BxL[:, 2:] & valid_BxL[:, 1:-1] & valid_BxL[:, :-2]
-    return _masked_mean(jnp.mean(jnp.square(accel_BxTxD), axis=-1), valid_BxT, num_valid)
+    # one entry per triple start t: L - 2 of them
+    accel_BxLxD = h_BxLxD[:, 2:] - 2.0 * h_BxLxD[:, 1:-1] + h_BxLxD[:, :-2]
+    triple_valid_BxL = valid_BxL[:, 2:] & valid_BxL[:, 1:-1] & valid_BxL[:, :-2]
+    return _masked_mean(jnp.mean(jnp.square(accel_BxLxD), axis=-1), triple_valid_BxL, num_valid)
 
 
 # ------------------------------------------------------------------------------------------- aux heads
@@ -313,9 +318,9 @@ def pet_loss(hidden_BxLxD, mask_BxL, num_valid=None):
 
 def _safety_row_weights(labels_B, class_weights):
     """[B] class weight of each labelled row (label >= 0), 0 for unlabelled rows (-1)."""
-    weights_K = jnp.asarray(class_weights, _F32)
+    weights_3 = jnp.asarray(class_weights, _F32)
     labelled_B = labels_B >= 0
-    return jnp.where(labelled_B, weights_K[jnp.where(labelled_B, labels_B, 0)], 0.0)
+    return jnp.where(labelled_B, weights_3[jnp.where(labelled_B, labels_B, 0)], 0.0)
 
 
 def safety_weight_sum(labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0)):
@@ -323,7 +328,7 @@ def safety_weight_sum(labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0)
     return jnp.sum(_safety_row_weights(labels_B, class_weights))
 
 
-def safety_loss(safety_logits_BxK, labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0),
+def safety_loss(safety_logits_Bx3, labels_B, class_weights: Sequence[float] = (1.0, 3.0, 5.0),
                 total_weight=None):
     """Class-weighted CE normalised by the summed weights of the labelled rows (label -1: unlabelled).
 
@@ -331,10 +336,10 @@ def safety_loss(safety_logits_BxK, labels_B, class_weights: Sequence[float] = (1
     labelled row gives 0 instead of NaN. total_weight: the global denominator (`safety_weight_sum` over every
     device and micro-batch) so that shards add up to the full batch's loss.
     """
-    if safety_logits_BxK.shape[-1] != len(class_weights):
-        raise ValueError(f"{safety_logits_BxK.shape[-1]} classes but {len(class_weights)} class weights")
+    if safety_logits_Bx3.shape[-1] != len(class_weights):
+        raise ValueError(f"{safety_logits_Bx3.shape[-1]} classes but {len(class_weights)} class weights")
     labelled_B = labels_B >= 0
-    nll_B = _token_nll(_zero_invalid(safety_logits_BxK, labelled_B), jnp.where(labelled_B, labels_B, 0))
+    nll_B = _token_nll(_zero_invalid(safety_logits_Bx3, labelled_B), jnp.where(labelled_B, labels_B, 0))
     weight_B = _safety_row_weights(labels_B, class_weights)
     return _masked_mean(weight_B * nll_B, labelled_B, jnp.sum(weight_B) if total_weight is None else total_weight)
 

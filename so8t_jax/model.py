@@ -1,18 +1,17 @@
 """One decoder for every family (llama, qwen2, phi3, gemma3): a pure function of (params, config, tokens).
 
-Axis letters: B batch, T query tokens, S key slots, D model width, N query heads, K kv heads, G query heads
-per kv head, H head dim, F MLP width, V vocab, Y layers.
+Axis letters: so8t_jax/conventions.py
 
 Parameters are a nested dict (a Flax-style parameter tree that Orbax saves and jit takes as an argument);
 the layers are stacked on a leading Y axis and scanned, so compile time does not grow with depth:
 
     embed [V, D]   final_norm [D]   lm_head [D, V] (absent when tied)
-    layers: attn_norm [Y, D]  q [Y, D, N, H]  k, v [Y, D, K, H]  o [Y, N, H, D]
+    layers: attn_norm [Y, D]  q [Y, D, Q, H]  k, v [Y, D, K, H]  o [Y, Q, H, D]
             mlp_norm [Y, D]  gate, up [Y, D, F]  down [Y, F, D]
-            q_bias [Y, N, H], k_bias, v_bias [Y, K, H]        (attn_bias: qwen2)
+            q_bias [Y, Q, H], k_bias, v_bias [Y, K, H]        (attn_bias: qwen2)
             q_norm, k_norm [Y, H]                             (qk_norm: gemma3)
             post_attn_norm, post_mlp_norm [Y, D]              (post_norms: gemma3)
-            attn_gate, mlp_gate [Y, D/8, 28]  + so8t_alpha [] at the top level   (SO(8) gates, so8t.py)
+            attn_gate, mlp_gate [Y, Z, 28]  + so8t_alpha [] at the top level     (SO(8) gates, so8t.py)
 
 Norm weights are stored as the effective multiplier (gemma's 1 + w is folded in at import).
 """
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from so8t_jax import so8t
-from so8t_jax.config import ModelConfig
+from so8t_jax.config import ModelConfig, set_path
 
 Params = dict[str, Any]
 _NEG = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax instead of NaN
@@ -64,7 +63,7 @@ def _activation(cfg: ModelConfig, x):
 
 
 def rope_tables(cfg: ModelConfig, positions_BxT, local: bool = False, context_len: int | None = None):
-    """cos, sin [B, T, rotary_dim] in float32, HF's non-interleaved (rotate_half) layout.
+    """cos, sin [B, T, 2R] (2R = rotary_dim) in float32, HF's non-interleaved (rotate_half) layout.
 
     LongRoPE picks its long factors when the context outgrows rope_original_max: the context is
     `context_len` when given (a KV cache's capacity, as llama.cpp decides by n_ctx, so every cached key is
@@ -86,32 +85,33 @@ def rope_tables(cfg: ModelConfig, positions_BxT, local: bool = False, context_le
                 inv_freq = jnp.where(use_long, long, short)
             else:
                 inv_freq = short
-    inv_freq = jnp.asarray(inv_freq, jnp.float32)
-    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
+    inv_freq_R = jnp.asarray(inv_freq, jnp.float32)
+    angles_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_R
+    angles_BxTx2R = jnp.concatenate([angles_BxTxR, angles_BxTxR], axis=-1)
+    return jnp.cos(angles_BxTx2R) * attn_factor, jnp.sin(angles_BxTx2R) * attn_factor
 
 
-def apply_rope(x_BxTxNxH, cos_BxTxR, sin_BxTxR):
-    rd = cos_BxTxR.shape[-1]
-    x_rot, x_pass = x_BxTxNxH[..., :rd], x_BxTxNxH[..., rd:]
+def apply_rope(x_BxTx_xH, cos_BxTx2R, sin_BxTx2R):
+    """Rotate the first 2R dims of queries [B, T, Q, H] or keys [B, T, K, H]; the rest pass through."""
+    rd = cos_BxTx2R.shape[-1]
+    x_rot, x_pass = x_BxTx_xH[..., :rd], x_BxTx_xH[..., rd:]
     x1, x2 = jnp.split(x_rot.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_BxTxR[:, :, None, :], sin_BxTxR[:, :, None, :]
-    out = (x_rot.astype(jnp.float32) * cos + rotated * sin).astype(x_BxTxNxH.dtype)
-    return jnp.concatenate([out, x_pass], axis=-1) if rd < x_BxTxNxH.shape[-1] else out
+    cos, sin = cos_BxTx2R[:, :, None, :], sin_BxTx2R[:, :, None, :]
+    out = (x_rot.astype(jnp.float32) * cos + rotated * sin).astype(x_BxTx_xH.dtype)
+    return jnp.concatenate([out, x_pass], axis=-1) if rd < x_BxTx_xH.shape[-1] else out
 
 
-def _attend(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias_BxTxS):
-    b, t, n, h = q_BxTxNxH.shape
+def _attend(cfg, q_BxTxQxH, k_BxSxKxH, v_BxSxKxH, bias_BxTxS):
+    b, t, q_heads, h = q_BxTxQxH.shape
     k_heads = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
+    q_BxTxKxGxH = q_BxTxQxH.reshape(b, t, k_heads, q_heads // k_heads, h)
     scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
                                   preferred_element_type=jnp.float32) * cfg.scale
     scores_BxKxGxTxS = scores_BxKxGxTxS + bias_BxTxS[:, None, None]
     probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
     out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
+    return out_BxTxKxGxH.reshape(b, t, q_heads, h)
 
 
 def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, biases, cache_kv, alpha=None):
@@ -121,7 +121,7 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, bi
     so8t.fold_gates can fold them into o and down exactly.
     """
     h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, p["q"])
+    q = jnp.einsum("BTD,DQH->BTQH", h, p["q"])
     k = jnp.einsum("BTD,DKH->BTKH", h, p["k"])
     v = jnp.einsum("BTD,DKH->BTKH", h, p["v"])
     if cfg.attn_bias:
@@ -140,7 +140,7 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, bi
         v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
     bias = jnp.where(is_sliding, biases[1], biases[0]) if biases[1] is not None else biases[0]
     attn = _attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), bias)
-    attn_BxTxD = jnp.einsum("BTNH,NHD->BTD", attn, p["o"])
+    attn_BxTxD = jnp.einsum("BTQH,QHD->BTD", attn, p["o"])
     if "attn_gate" in p:
         attn_BxTxD = so8t.apply_gate(attn_BxTxD, p["attn_gate"], alpha)
     if cfg.post_norms:
@@ -233,15 +233,15 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Flat name -> shape of every parameter the config calls for ("layers/q" style keys)."""
-    y, d, n, k, h, f = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    y, d, q, k, h, f = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
     shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,),
-              "layers/attn_norm": (y, d), "layers/q": (y, d, n, h), "layers/k": (y, d, k, h),
-              "layers/v": (y, d, k, h), "layers/o": (y, n, h, d), "layers/mlp_norm": (y, d),
+              "layers/attn_norm": (y, d), "layers/q": (y, d, q, h), "layers/k": (y, d, k, h),
+              "layers/v": (y, d, k, h), "layers/o": (y, q, h, d), "layers/mlp_norm": (y, d),
               "layers/gate": (y, d, f), "layers/up": (y, d, f), "layers/down": (y, f, d)}
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (d, cfg.vocab_size)
     if cfg.attn_bias:
-        shapes.update({"layers/q_bias": (y, n, h), "layers/k_bias": (y, k, h), "layers/v_bias": (y, k, h)})
+        shapes.update({"layers/q_bias": (y, q, h), "layers/k_bias": (y, k, h), "layers/v_bias": (y, k, h)})
     if cfg.qk_norm:
         shapes.update({"layers/q_norm": (y, h), "layers/k_norm": (y, h)})
     if cfg.post_norms:
@@ -262,15 +262,8 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32, std: float = 0.02) -> 
             value = jnp.zeros(shape, dtype)
         else:
             value = (std * jax.random.normal(sub, shape, jnp.float32)).astype(dtype)
-        _set(params, name, value)
+        set_path(params, name, value, sep="/")
     return params
-
-
-def _set(tree: dict, name: str, value) -> None:
-    *parents, leaf = name.split("/")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
 
 
 def count_params(params: Params) -> int:

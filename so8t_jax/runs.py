@@ -1,5 +1,5 @@
-"""Run set-up and outputs around the trainer: config validation, the student cut from its teacher, and the
-results JSON + model card (written atomically)."""
+"""Around the trainer: the config check (every problem found before any model loads) and the run's outputs
+(results JSON and model card, written atomically)."""
 from __future__ import annotations
 
 import difflib
@@ -9,12 +9,14 @@ import pathlib
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from so8t_jax import so8t, stability, train_step
+from so8t_jax import defaults, so8t, stability
+from so8t_jax.completions import PolicyConfig
 from so8t_jax.config import ConfigError
 from so8t_jax.loading import DTYPES, Model
+from so8t_jax.objective import LossConfig, needs_heads
+from so8t_jax.optim import OptimConfig
 
 MODES = ("single", "pmap", "mesh")
 STUDENT_INITS = ("from_teacher", "random", "path")
@@ -33,7 +35,6 @@ def _flat(d: dict, prefix="") -> dict:
 def check_config(config) -> None:
     """Every problem a config can have, found before any model is loaded: unknown keys (against
     so8t_jax/defaults.py), out-of-range values, a missing teacher file. Raises ConfigError naming the key."""
-    from so8t_jax import defaults
     known = _flat(defaults.get_config().to_dict())
     given = _flat(config.to_dict())
     for key in given:
@@ -67,9 +68,9 @@ def check_config(config) -> None:
         need(c.train.batch_size % jax.local_device_count() == 0, "train.batch_size",
              f"a multiple of the {jax.local_device_count()} local devices (pmap)")
     try:
-        train_step.LossConfig(**c.loss.to_dict())
-        train_step.OptimConfig(total_steps=c.train.steps, **c.optim.to_dict())
-        train_step.PolicyConfig(**{k: v for k, v in c.policy.to_dict().items()})
+        LossConfig(**c.loss.to_dict())
+        OptimConfig(total_steps=c.train.steps, **c.optim.to_dict())
+        PolicyConfig(**{k: v for k, v in c.policy.to_dict().items()})
         stability.StabilityConfig(**c.stability.to_dict())
         so8t.GateConfig(**c.so8t.to_dict())
     except (ValueError, TypeError) as e:
@@ -78,22 +79,6 @@ def check_config(config) -> None:
         raise ConfigError(f"config: teacher.path {c.teacher.path!r} does not exist")
     if c.student.init == "path" and not pathlib.Path(c.student.path).exists():
         raise ConfigError(f"config: student.path {c.student.path!r} does not exist")
-
-
-def student_from_teacher(teacher: Model, n_layers: int, dtype) -> Model:
-    """Copy embeddings, norms, lm_head and `n_layers` evenly spaced layers (first and last included)."""
-    n_t = teacher.config.n_layers
-    if n_layers > n_t:
-        raise ConfigError(f"config: student.layers ({n_layers}) exceeds the teacher's {n_t} layers")
-    idx = np.unique(np.round(np.linspace(0, n_t - 1, n_layers)).astype(int))
-    cfg = teacher.config.replace(
-        n_layers=len(idx),
-        sliding_layers=None if teacher.config.sliding_layers is None
-        else tuple(teacher.config.sliding_layers[i] for i in idx))
-    params = dict(teacher.params, layers=jax.tree_util.tree_map(lambda x: x[idx], teacher.params["layers"]))
-    # copies: the student's buffers are donated to the step and must not alias the teacher's
-    params = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=DTYPES[dtype], copy=True), params)
-    return Model(cfg, params, teacher.source, _tokenizer=teacher.tokenizer)
 
 
 def write_json(path: pathlib.Path, obj) -> None:
@@ -151,7 +136,7 @@ def _so8t_section(r: dict, c) -> str:
                      f"{c.so8t.alpha_end} (last {m.get('so8t/alpha', float('nan')):.3f}, mean rotation angle "
                      f"{m.get('so8t/rotation_angle', float('nan')):.4f} rad), folded into o_proj / down_proj: the "
                      "exported student is a plain model of its family.")
-    if train_step.needs_heads(c.loss):
+    if needs_heads(c.loss):
         lines.append("Safety head (allow / escalate / deny, last prompt token) and per-token verifier head: "
                      "`so8t_heads.safetensors` beside each export (torch.nn.Linear layout), restored by "
                      "`so8t_jax.load`; `so8t_jax.generate(student, prompts, 32, return_judgments=True)` returns "

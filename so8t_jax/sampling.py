@@ -245,7 +245,7 @@ def bucket_length(n: int, multiple: int = PROMPT_BUCKET) -> int:
 
 
 def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (tokens_BxL, mask_BxL) int32 arrays, right-aligned (left padding)."""
+    """Token lists (prompts) -> (tokens_BxP, mask_BxP) int32 arrays, right-aligned (left padding)."""
     tokens = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for r, ids in enumerate(rows):
@@ -257,12 +257,21 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tup
 
 
 def eos_ids_of(model) -> tuple[int, ...]:
-    """The model's end-of-sequence ids: its config's plus its tokenizer's eos_token_id."""
+    """The model's end-of-sequence ids: its config's plus its tokenizer's eos_token_id. The one rule the
+    sampler, the trainer's policy and evaluation use."""
     ids = set(model.config.eos_token_ids)
     tok_eos = getattr(model.tokenizer, "eos_token_id", None)
     if tok_eos is not None:
         ids.add(int(tok_eos))
     return tuple(sorted(ids))
+
+
+def pad_id_of(model) -> int:
+    """The id that fills padding: the config's pad_token_id, else the tokenizer's, else the smallest EOS id, else 0
+    (it is always masked, so any id works; one rule keeps batches identical everywhere)."""
+    tok_pad = getattr(model.tokenizer, "pad_token_id", None)
+    return next((int(i) for i in (model.config.pad_token_id, tok_pad) if i is not None),
+                min(eos_ids_of(model), default=0))
 
 
 def as_prompt_list(prompts) -> list:
@@ -275,16 +284,16 @@ def as_prompt_list(prompts) -> list:
 
 @functools.lru_cache(maxsize=16)
 def _judge_fn(cfg: ModelConfig, prompt_len: int):
-    """jit: (params, tokens [B, P+N], mask [B, P+N]) -> (safety probs [B, 3], verifier confidence [B, N]):
+    """jit: (params, tokens [B, L], mask [B, L]) -> (safety probs [B, 3], verifier confidence [B, N]), L = P + N:
     the safety head on the last prompt token, and for generated token j the verifier at the position that
     predicted it (P - 1 + j)."""
-    def fn(params, tokens_BxT, mask_BxT):
-        hidden = model_lib.forward(params, cfg, tokens_BxT, mask_BxT=mask_BxT, logits=False).hidden
-        n = tokens_BxT.shape[1] - prompt_len
-        safety = jax.nn.softmax(so8t.safety_logits(params, hidden[:, :prompt_len], mask_BxT[:, :prompt_len])) \
-            if "safety_head" in params else jnp.zeros((tokens_BxT.shape[0], 3), jnp.float32)
+    def fn(params, tokens_BxL, mask_BxL):
+        hidden = model_lib.forward(params, cfg, tokens_BxL, mask_BxT=mask_BxL, logits=False).hidden
+        n = tokens_BxL.shape[1] - prompt_len
+        safety = jax.nn.softmax(so8t.safety_logits(params, hidden[:, :prompt_len], mask_BxL[:, :prompt_len])) \
+            if "safety_head" in params else jnp.zeros((tokens_BxL.shape[0], 3), jnp.float32)
         conf = jax.nn.sigmoid(so8t.verifier_logits(params, hidden[:, prompt_len - 1:prompt_len - 1 + n])) \
-            if "verifier" in params else jnp.zeros((tokens_BxT.shape[0], n), jnp.float32)
+            if "verifier" in params else jnp.zeros((tokens_BxL.shape[0], n), jnp.float32)
         return safety, conf
     return jax.jit(fn)
 
@@ -315,7 +324,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
         if not ids:
             raise ValueError(f"prompt {r} encodes to no tokens")
     cfg = model.config
-    pad_id = next((i for i in (cfg.pad_token_id, getattr(tok, "pad_token_id", None)) if i is not None), 0)
+    pad_id = pad_id_of(model)
     eos_ids = eos_ids_of(model)
     tokens_BxP, mask_BxP = left_pad(rows, bucket_length(max(len(ids) for ids in rows)), pad_id)
     fn = make_sample_fn(cfg, int(max_new_tokens), Sampler(temperature, top_k, top_p, min_p), eos_ids, pad_id)

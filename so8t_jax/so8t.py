@@ -1,9 +1,9 @@
 """SO(8) rotation gates, the alpha schedule, the safety / verifier heads, and gate folding for export.
 
-Axis letters as in model.py, plus K = D / 8 blocks of 8 dims and P = 28 skew parameters per block.
+Axis letters: so8t_jax/conventions.py (Z: the D / 8 blocks of 8 dims; 28: a block's skew parameters).
 
 Where the gates live in a parameter tree (see `with_gates`):
-    layers/attn_gate [Y, K, 28]   layers/mlp_gate [Y, K, 28]   so8t_alpha []   (scalar, top level)
+    layers/attn_gate [Y, Z, 28]   layers/mlp_gate [Y, Z, 28]   so8t_alpha []   (scalar, top level)
 Each gate maps a sublayer output y (attention after the o projection, MLP after the down projection) to
     y -> y + sigmoid(alpha) * (blockdiag(R) y - y),   R_k = expm(A_k) in SO(8),   A_k = U_k - U_k^T,
 U_k strictly upper triangular holding the block's 28 parameters (row-major, np.triu_indices(8, 1)).
@@ -24,26 +24,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from so8t_jax.config import ConfigError, ModelConfig
+from so8t_jax.conventions import SAFETY_LABELS
+from so8t_jax.defaults import DEFAULTS
 
 BLOCK = 8
 N_SKEW = BLOCK * (BLOCK - 1) // 2  # 28
 _ROWS, _COLS = np.triu_indices(BLOCK, k=1)
 _F32 = jnp.float32
-SAFETY_LABELS = ("allow", "escalate", "deny")
 HEADS = ("safety_head", "verifier")
 HEADS_FILE = "so8t_heads.safetensors"
 
 
-def skew_from_params(theta_Kx28) -> jax.Array:
+def skew_from_params(theta_Zx28) -> jax.Array:
     """[..., 28] -> skew-symmetric A [..., 8, 8]: the parameters fill the strict upper triangle U, A = U - U^T."""
-    theta = jnp.asarray(theta_Kx28)
+    theta = jnp.asarray(theta_Zx28)
     u = jnp.zeros(theta.shape[:-1] + (BLOCK, BLOCK), theta.dtype).at[..., _ROWS, _COLS].set(theta)
     return u - jnp.swapaxes(u, -1, -2)
 
 
-def rotations(theta_Kx28) -> jax.Array:
-    """[K, 28] (any leading axes) -> R = expm(A) [..., 8, 8] in float32; exactly in SO(8) up to rounding."""
-    a = skew_from_params(jnp.asarray(theta_Kx28, _F32))
+def rotations(theta_Zx28) -> jax.Array:
+    """[Z, 28] (any leading axes) -> R = expm(A) [..., 8, 8] in float32; exactly in SO(8) up to rounding."""
+    a = skew_from_params(jnp.asarray(theta_Zx28, _F32))
     flat = a.reshape((-1, BLOCK, BLOCK))
     r = jax.vmap(jax.scipy.linalg.expm)(flat)
     return r.reshape(a.shape)
@@ -55,35 +56,35 @@ def _check_width(d: int) -> int:
     return d // BLOCK
 
 
-def apply_gate(y, theta_Kx28, alpha):
+def apply_gate(y, theta_Zx28, alpha):
     """y [..., D] -> y + sigmoid(alpha) (blockdiag(R) y - y), computed in float32, returned in y's dtype."""
-    k = _check_width(y.shape[-1])
-    if theta_Kx28.shape != (k, N_SKEW):
-        raise ValueError(f"gate parameters {theta_Kx28.shape} do not fit width {y.shape[-1]}: want ({k}, 28)")
+    z = _check_width(y.shape[-1])
+    if theta_Zx28.shape != (z, N_SKEW):
+        raise ValueError(f"gate parameters {theta_Zx28.shape} do not fit width {y.shape[-1]}: want ({z}, 28)")
     y32 = y.astype(_F32)
-    y_blocks = y32.reshape(y.shape[:-1] + (k, BLOCK))
-    ry = jnp.einsum("Kij,...Kj->...Ki", rotations(theta_Kx28), y_blocks,
+    y_blocks = y32.reshape(y.shape[:-1] + (z, BLOCK))
+    ry = jnp.einsum("Zij,...Zj->...Zi", rotations(theta_Zx28), y_blocks,  # i, j: the 8 dims of a block
                     precision=jax.lax.Precision.HIGHEST).reshape(y.shape)
     s = jax.nn.sigmoid(jnp.asarray(alpha, _F32))
     return (y32 + s * (ry - y32)).astype(y.dtype)
 
 
-def gate_matrix(theta_Kx28, alpha) -> jax.Array:
+def gate_matrix(theta_Zx28, alpha) -> jax.Array:
     """The gate as a [D, D] float32 matrix M acting on column vectors: apply_gate(y) == M @ y (y @ M.T rows)."""
-    r = rotations(theta_Kx28)
-    k = r.shape[0]
-    eye_k = jnp.eye(k, dtype=_F32)
-    # blockdiag(R)[(a, i), (b, j)] = delta_ab R_a[i, j]
-    block = jnp.einsum("ab,aij->aibj", eye_k, r).reshape(k * BLOCK, k * BLOCK)
+    r = rotations(theta_Zx28)
+    z = r.shape[0]
+    eye_z = jnp.eye(z, dtype=_F32)
+    # blockdiag(R)[(a, i), (b, j)] = delta_ab R_a[i, j]   (a, b: blocks; i, j: the 8 dims of a block)
+    block = jnp.einsum("ab,aij->aibj", eye_z, r).reshape(z * BLOCK, z * BLOCK)
     s = jax.nn.sigmoid(jnp.asarray(alpha, _F32))
-    eye = jnp.eye(k * BLOCK, dtype=_F32)
+    eye = jnp.eye(z * BLOCK, dtype=_F32)
     return eye + s * (block - eye)
 
 
 def init_gates(cfg: ModelConfig, dtype=_F32) -> dict[str, jax.Array]:
     """Zero gates (A = 0, R = I: the identity) for every layer, to merge into params["layers"]."""
-    k = _check_width(cfg.d_model)
-    shape = (cfg.n_layers, k, N_SKEW)
+    z = _check_width(cfg.d_model)
+    shape = (cfg.n_layers, z, N_SKEW)
     return {"attn_gate": jnp.zeros(shape, dtype), "mlp_gate": jnp.zeros(shape, dtype)}
 
 
@@ -123,13 +124,13 @@ def alpha_schedule(progress, start=-5.0, mid=-2.0, end=1.6, warm=0.05, ramp_cent
 @dataclasses.dataclass(frozen=True)
 class GateConfig:
     """The so8t.* config block: gates on or off and the alpha schedule's constants (see alpha_schedule)."""
-    gates: bool = False
-    alpha_start: float = -5.0
-    alpha_mid: float = -2.0
-    alpha_end: float = 1.6
-    alpha_warm: float = 0.05
-    alpha_center: float = 0.5
-    alpha_width: float = 0.1
+    gates: bool = DEFAULTS.so8t.gates
+    alpha_start: float = DEFAULTS.so8t.alpha_start
+    alpha_mid: float = DEFAULTS.so8t.alpha_mid
+    alpha_end: float = DEFAULTS.so8t.alpha_end
+    alpha_warm: float = DEFAULTS.so8t.alpha_warm
+    alpha_center: float = DEFAULTS.so8t.alpha_center
+    alpha_width: float = DEFAULTS.so8t.alpha_width
 
     def __post_init__(self):
         if not self.alpha_start <= self.alpha_mid <= self.alpha_end:
@@ -163,7 +164,7 @@ def fold_gates(cfg: ModelConfig, params: dict, alpha=None) -> dict:
     """params without attn_gate / mlp_gate / so8t_alpha, the gates multiplied into o and down.
 
     Exact for every family because the gate acts on the projection's output before any post-norm:
-    o'[n, h, :] = M o[n, h, :] (o' = o M^T as [N*H, D] rows) and down' = down M^T. alpha: the scalar to
+    o'[q, h, :] = M o[q, h, :] (o' = o M^T as [Q*H, D] rows) and down' = down M^T. alpha: the scalar to
     fold (default params["so8t_alpha"]). Computed in float32, stored in the weights' dtype.
     """
     if not has_gates(params):
@@ -176,11 +177,12 @@ def fold_gates(cfg: ModelConfig, params: dict, alpha=None) -> dict:
     hi = jax.lax.Precision.HIGHEST
     if attn_gate is not None:
         o = layers["o"]
-        layers["o"] = jnp.einsum("YNHD,YED->YNHE", o.astype(_F32), gate_YxDxD(attn_gate, alpha),
+        # d: the width M reads (D: the width it writes), so o' = o M^T and down' = down M^T
+        layers["o"] = jnp.einsum("YQHd,YDd->YQHD", o.astype(_F32), gate_YxDxD(attn_gate, alpha),
                                  precision=hi).astype(o.dtype)
     if mlp_gate is not None:
         down = layers["down"]
-        layers["down"] = jnp.einsum("YFD,YED->YFE", down.astype(_F32), gate_YxDxD(mlp_gate, alpha),
+        layers["down"] = jnp.einsum("YFd,YDd->YFD", down.astype(_F32), gate_YxDxD(mlp_gate, alpha),
                                     precision=hi).astype(down.dtype)
     out = {k: v for k, v in params.items() if k != "so8t_alpha"}
     out["layers"] = layers
@@ -259,23 +261,23 @@ def load_heads(path, d_model: int) -> dict:
     return heads
 
 
-def last_valid_index(mask_BxT) -> jax.Array:
-    """[B] index of the last True per row (left or right padding alike); T - 1 for an all-False row."""
-    t = mask_BxT.shape[1]
-    return (t - 1 - jnp.argmax(jnp.flip(mask_BxT.astype(bool), axis=1), axis=1)).astype(jnp.int32)
+def last_valid_index(mask_BxL) -> jax.Array:
+    """[B] index of the last True per row (left or right padding alike); L - 1 for an all-False row."""
+    n_l = mask_BxL.shape[1]
+    return (n_l - 1 - jnp.argmax(jnp.flip(mask_BxL.astype(bool), axis=1), axis=1)).astype(jnp.int32)
 
 
-def safety_logits(heads: dict, hidden_BxTxD, prompt_mask_BxT) -> jax.Array:
+def safety_logits(heads: dict, hidden_BxPxD, prompt_mask_BxP) -> jax.Array:
     """[B, 3] float32 logits from the final hidden state of each row's last valid prompt token."""
-    idx_B = last_valid_index(prompt_mask_BxT)
-    h_BxD = jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0].astype(_F32)
+    idx_B = last_valid_index(prompt_mask_BxP)
+    h_BxD = jnp.take_along_axis(hidden_BxPxD, idx_B[:, None, None], axis=1)[:, 0].astype(_F32)
     head = heads["safety_head"]
-    return jnp.einsum("BD,DC->BC", h_BxD, head["w"].astype(_F32), precision=jax.lax.Precision.HIGHEST) \
-        + head["b"].astype(_F32)
+    return jnp.einsum("BD,Dc->Bc", h_BxD, head["w"].astype(_F32),  # c: the 3 safety classes
+                      precision=jax.lax.Precision.HIGHEST) + head["b"].astype(_F32)
 
 
-def verifier_logits(heads: dict, hidden_BxTxD) -> jax.Array:
-    """[B, T] float32 per-token logits of sigmoid(v . h_t + b): confidence the student agrees with its teacher."""
+def verifier_logits(heads: dict, hidden_BxLxD) -> jax.Array:
+    """[B, L] float32 per-token logits of sigmoid(v . h_t + b): confidence the student agrees with its teacher."""
     head = heads["verifier"]
-    return jnp.einsum("BTD,D->BT", hidden_BxTxD.astype(_F32), head["w"].astype(_F32),
+    return jnp.einsum("BLD,D->BL", hidden_BxLxD.astype(_F32), head["w"].astype(_F32),
                       precision=jax.lax.Precision.HIGHEST) + head["b"].astype(_F32)

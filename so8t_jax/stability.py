@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from so8t_jax.checkpoint import Store
+from so8t_jax.defaults import DEFAULTS
 
 ANOMALY_KINDS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "grad_explosion", "norm_collapse",
                  "norm_explosion")
@@ -84,21 +85,24 @@ def flatten_norms(norms) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ config
 
 
+_D = DEFAULTS.stability
+
+
 @dataclasses.dataclass(frozen=True)
 class StabilityConfig:
     """A factor or threshold of 0 switches its check off."""
-    every_n: int = 10                  # record group norms every N steps (loss and grad norm: every step)
-    spike_factor: float = 3.0          # loss > k x median of the last `window` healthy losses
-    window: int = 20
-    min_history: int = 10              # no spike / explosion verdicts before this many healthy steps
-    max_grad_norm_factor: float = 10.0  # grad norm > factor x its running median
-    max_grad_norm: float = 0.0         # absolute grad-norm ceiling
-    collapse_eps: float = 0.1          # a group's norm < eps x its initial norm
-    explode_factor: float = 10.0       # a group's norm > factor x its initial norm
-    snapshot_every: int = 100
-    keep_snapshots: int = 2
-    lr_backoff: float = 0.5            # lr_scale multiplier per rollback
-    max_rollbacks: int = 3
+    every_n: int = _D.every_n                  # record group norms every N steps (loss and grad norm: every step)
+    spike_factor: float = _D.spike_factor      # loss > k x median of the last `window` healthy losses
+    window: int = _D.window
+    min_history: int = _D.min_history          # no spike / explosion verdicts before this many healthy steps
+    max_grad_norm_factor: float = _D.max_grad_norm_factor  # grad norm > factor x its running median
+    max_grad_norm: float = _D.max_grad_norm    # absolute grad-norm ceiling
+    collapse_eps: float = _D.collapse_eps      # a group's norm < eps x its initial norm
+    explode_factor: float = _D.explode_factor  # a group's norm > factor x its initial norm
+    snapshot_every: int = _D.snapshot_every
+    keep_snapshots: int = _D.keep_snapshots
+    lr_backoff: float = _D.lr_backoff          # lr_scale multiplier per rollback
+    max_rollbacks: int = _D.max_rollbacks
 
     def __post_init__(self):
         def need(ok, key, rule):

@@ -9,7 +9,8 @@ import pytest
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.config import ModelConfig
 from so8t_jax.model import init_params
-from so8t_jax.train_step import OptimConfig, TrainState, init_state, make_optimizer
+from so8t_jax.optim import OptimConfig, make_optimizer
+from so8t_jax.train_step import TrainState, init_state
 
 TINY = ModelConfig(family="llama", vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8,
                    ffn_dim=32)

@@ -14,21 +14,19 @@ from fixtures import make_hf_model, write_gguf
 import so8t_jax
 from so8t_jax import data
 from so8t_jax import model as model_lib
-from so8t_jax.evaluate import (
+from so8t_jax.build import student_from_teacher
+from so8t_jax.evaluate import evaluate_models, evaluate_run, format_table
+from so8t_jax.loading import encode_prompt
+from so8t_jax.metrics import (
     answer_accuracy,
-    evaluate_models,
-    evaluate_run,
     expected_calibration_error,
     extract_answer,
-    format_table,
     greedy_match_length,
     perplexity,
     safety_accuracy,
     token_kl,
     top1_agreement,
 )
-from so8t_jax.loading import encode_prompt
-from so8t_jax.runs import student_from_teacher
 from so8t_jax.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -105,9 +105,9 @@ def test_convert_then_load(hf_folders, tmp_path):
     assert b.tokenizer("hello")["input_ids"] == a.tokenizer("hello")["input_ids"]
 
 
-def test_inspect_script(hf_folders, tmp_path):
+def test_describe_script(hf_folders, tmp_path):
     path = write_gguf(hf_folders["llama"], tmp_path / "l.gguf", "F32")
-    res = subprocess.run([sys.executable, str(ROOT / "scripts/inspect.py"), str(path), "--prompt", "Hello",
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/describe.py"), str(path), "--prompt", "Hello",
                           "--k", "3"], capture_output=True, text=True, check=True)
     info = json.loads(res.stdout)
     m = so8t_jax.load(path)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from so8t_jax import build, so8t
 from so8t_jax import model as model_lib
-from so8t_jax import runs, so8t
-from so8t_jax.config import ModelConfig
+from so8t_jax.config import ModelConfig, set_path
 from so8t_jax.loading import Model
 
 LLAMA = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -34,7 +34,7 @@ def _params(cfg, seed=0):
     params = {}
     for name, shape in sorted(model_lib.param_shapes(cfg).items()):
         value = 1.0 + 0.1 * rng.randn(*shape) if name.endswith("norm") else 0.2 * rng.randn(*shape)
-        model_lib._set(params, name, jnp.asarray(value, jnp.float32))
+        set_path(params, name, jnp.asarray(value, jnp.float32), sep="/")
     return params
 
 
@@ -48,9 +48,9 @@ def _tokens(cfg, b=2, t=5):
 
 def _random_gates(cfg, params, alpha, seed=0):
     gated = so8t.with_gates(cfg, params, alpha)
-    k = cfg.d_model // 8
-    layers = dict(gated["layers"], attn_gate=_theta((cfg.n_layers, k, 28), 0.5, seed),
-                  mlp_gate=_theta((cfg.n_layers, k, 28), 0.5, seed + 1))
+    z = cfg.d_model // 8
+    layers = dict(gated["layers"], attn_gate=_theta((cfg.n_layers, z, 28), 0.5, seed),
+                  mlp_gate=_theta((cfg.n_layers, z, 28), 0.5, seed + 1))
     return dict(gated, layers=layers)
 
 
@@ -99,8 +99,8 @@ def test_student_from_gated_teacher_equals_teacher_subset():
     cfg = LLAMA.replace(n_layers=3)
     params = _params(cfg)
     src = pathlib.Path("teacher")
-    student = runs.student_from_teacher(Model(cfg, so8t.with_gates(cfg, params, 0.5), src), 2, "float32")
-    subset = runs.student_from_teacher(Model(cfg, params, src), 2, "float32")
+    student = build.student_from_teacher(Model(cfg, so8t.with_gates(cfg, params, 0.5), src), 2, "float32")
+    subset = build.student_from_teacher(Model(cfg, params, src), 2, "float32")
     assert student.params["layers"]["attn_gate"].shape == (2, 4, 28)
     tokens = _tokens(cfg)
     np.testing.assert_allclose(_logits(student.params, student.config, tokens),

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 import so8t_jax
 from so8t_jax import audit, data, so8t
 from so8t_jax import model as model_lib
+from so8t_jax.build import make_student
 from so8t_jax.checkpoint import Checkpointer
-from so8t_jax.trainer import make_student
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24

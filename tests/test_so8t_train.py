@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from so8t_jax import losses, so8t, train_step
+from so8t_jax import losses, objective, optim, placement, so8t, train_step
 from so8t_jax import model as model_lib
 from so8t_jax.config import ConfigError, ModelConfig
 from so8t_jax.runs import check_config
@@ -21,12 +21,12 @@ from configs import so8t_kd  # noqa: E402
 TEACHER = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                       ffn_dim=64)
 STUDENT = TEACHER.replace(n_layers=2, d_model=24, n_heads=3, n_kv_heads=1, ffn_dim=48)
-SO8T_TERMS = train_step.LossConfig(divergence="forward_kl", temperature=3.0, kd_weight=0.7, ce_weight=0.3,
+SO8T_TERMS = objective.LossConfig(divergence="forward_kl", temperature=3.0, kd_weight=0.7, ce_weight=0.3,
                                    hidden_weight=0.1, so8t_weight=0.5, pet_weight=0.05, safety_weight=0.3,
                                    verification_weight=0.2)
 # eps 1e-4: Adam's first update is ~ lr * sign(g), so with the default 1e-8 a gradient entry near 1e-9 would turn
 # float32 rounding differences between 1 device, pmap and accumulation into lr-sized parameter differences
-OPT = train_step.OptimConfig(learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, total_steps=20, weight_decay=0.01,
+OPT = optim.OptimConfig(learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, total_steps=20, weight_decay=0.01,
                              max_grad_norm=1.0, eps=1e-4)
 GATES = so8t.GateConfig(gates=True)
 P, N = 5, 6
@@ -66,7 +66,7 @@ def _student_params(seed=2, gates=True, gate_scale=0.3):
 
 def _setup(loss_cfg=SO8T_TERMS, optim_cfg=OPT, gates=True):
     t_params = model_lib.init_params(TEACHER, jax.random.key(1), std=0.3)
-    optimizer = train_step.make_optimizer(optim_cfg)
+    optimizer = optim.make_optimizer(optim_cfg)
     state = train_step.init_state(_student_params(gates=gates), optimizer, jax.random.key(3), TEACHER.d_model,
                                   loss_cfg)
     return state, t_params
@@ -83,11 +83,11 @@ def test_safety_and_verification_terms_match_torch():
     student = _student_params()
     teacher = model_lib.init_params(TEACHER, jax.random.key(1), std=0.3)
     batch = _batch()
-    lc = train_step.LossConfig(kd_weight=0.0, safety_weight=1.0, verification_weight=1.0)
+    lc = objective.LossConfig(kd_weight=0.0, safety_weight=1.0, verification_weight=1.0)
 
     def terms(heads):
-        return train_step.loss_terms({"student": {**student, **heads}}, teacher, batch,
-                                     train_step.batch_counts(batch, lc), STUDENT, TEACHER, lc)
+        return objective.loss_terms({"student": {**student, **heads}}, teacher, batch,
+                                     objective.batch_counts(batch, lc), STUDENT, TEACHER, lc)
     heads = {k: student[k] for k in so8t.HEADS}
     ours = terms(heads)
     grads = jax.grad(lambda h: terms(h)["safety"] + terms(h)["verification"])(heads)
@@ -120,26 +120,26 @@ def test_safety_and_verification_terms_match_torch():
 def test_zero_weights_skip_heads_and_need_them_when_on():
     state, teacher = _setup(gates=False)
     batch = _batch()
-    plain = train_step.LossConfig(kd_weight=1.0)
-    terms = train_step.loss_terms(state.params, teacher, batch, train_step.batch_counts(batch, plain), STUDENT,
+    plain = objective.LossConfig(kd_weight=1.0)
+    terms = objective.loss_terms(state.params, teacher, batch, objective.batch_counts(batch, plain), STUDENT,
                                   TEACHER, plain)
     assert set(terms) == {"kd", "loss"}
     no_heads = {"student": so8t.split_heads(state.params["student"])[0]}
     with pytest.raises(KeyError, match="heads"):
-        train_step.loss_terms(no_heads, teacher, batch, train_step.batch_counts(batch, SO8T_TERMS), STUDENT,
+        objective.loss_terms(no_heads, teacher, batch, objective.batch_counts(batch, SO8T_TERMS), STUDENT,
                               TEACHER, SO8T_TERMS)
     with pytest.raises(KeyError, match="safety_label"):
-        train_step.batch_counts({k: v for k, v in batch.items() if k != "safety_label"}, SO8T_TERMS)
+        objective.batch_counts({k: v for k, v in batch.items() if k != "safety_label"}, SO8T_TERMS)
 
 
 def test_chunked_verification_equals_plain():
     state, teacher = _setup()
     batch = _batch()
-    chunked = train_step.LossConfig(**{**SO8T_TERMS.__dict__, "chunk_size": 7})
+    chunked = objective.LossConfig(**{**SO8T_TERMS.__dict__, "chunk_size": 7})
 
     def run(lc):
         def f(p):
-            t = train_step.loss_terms(p, teacher, batch, train_step.batch_counts(batch, lc), STUDENT, TEACHER, lc)
+            t = objective.loss_terms(p, teacher, batch, objective.batch_counts(batch, lc), STUDENT, TEACHER, lc)
             return t["loss"], t
         return jax.value_and_grad(f, has_aux=True)(state.params)
     (_, t1), g1 = run(SO8T_TERMS)
@@ -181,8 +181,8 @@ def test_gates_and_heads_learn_from_zero():
     zero = dict(state.params["student"]["layers"], attn_gate=jnp.zeros_like(state.params["student"]["layers"][
         "attn_gate"]), mlp_gate=jnp.zeros_like(state.params["student"]["layers"]["mlp_gate"]))
     state = state.replace(params=dict(state.params, student=dict(state.params["student"], layers=zero)))
-    gates = train_step.OptimConfig(**{**OPT.__dict__, "head_learning_rate": OPT.learning_rate})
-    fast = train_step.OptimConfig(**{**OPT.__dict__, "head_learning_rate": 10 * OPT.learning_rate})
+    gates = optim.OptimConfig(**{**OPT.__dict__, "head_learning_rate": OPT.learning_rate})
+    fast = optim.OptimConfig(**{**OPT.__dict__, "head_learning_rate": 10 * OPT.learning_rate})
     s1, m1 = _step(optim_cfg=gates)(state, teacher, _batch(), jax.random.key(0))
     s10, _ = _step(optim_cfg=fast)(state, teacher, _batch(), jax.random.key(0))
     new = s1.params["student"]["layers"]
@@ -201,20 +201,20 @@ def test_pmap_mesh_accumulation_and_single_device_agree():
     batch = _batch()
     s1, m1 = _step()(state, teacher, batch, jax.random.key(0))
 
-    pstep, _ = train_step.pmap_step(STUDENT, TEACHER, SO8T_TERMS, OPT, gate_cfg=GATES)
-    s2, m2 = pstep(train_step.replicate(state, 8), teacher, train_step.shard_for_pmap(batch, 8), jax.random.key(0))
+    pstep, _ = placement.pmap_step(STUDENT, TEACHER, SO8T_TERMS, OPT, gate_cfg=GATES)
+    s2, m2 = pstep(placement.replicate(state, 8), teacher, placement.shard_for_pmap(batch, 8), jax.random.key(0))
     _close(s1.params, jax.tree_util.tree_map(lambda x: x[0], s2.params))
     for k in ("loss", "loss/safety", "loss/verification", "so8t/alpha", "so8t/rotation_angle"):
         np.testing.assert_allclose(m1[k], m2[k][0], rtol=1e-5)
 
-    mesh = train_step.make_mesh()
-    mstep, _, place = train_step.mesh_step(STUDENT, TEACHER, SO8T_TERMS, OPT, mesh, shard_teacher=True,
+    mesh = placement.make_mesh()
+    mstep, _, place = placement.mesh_step(STUDENT, TEACHER, SO8T_TERMS, OPT, mesh, shard_teacher=True,
                                            gate_cfg=GATES)
     s3, m3 = mstep(*place(state, teacher, batch), jax.random.key(0))
     _close(s1.params, s3.params)
     np.testing.assert_allclose(m1["loss"], m3["loss"], rtol=1e-5)
 
-    accum = train_step.OptimConfig(**{**OPT.__dict__, "grad_accum_steps": 2})
+    accum = optim.OptimConfig(**{**OPT.__dict__, "grad_accum_steps": 2})
     micro = jax.tree_util.tree_map(lambda x: x.reshape(2, 4, *x.shape[1:]), batch)
     s4, m4 = _step(optim_cfg=accum)(_setup()[0], teacher, micro, jax.random.key(0))  # mesh_step donated state
     _close(s1.params, s4.params)
@@ -238,9 +238,9 @@ def test_gate_config_validation():
     with pytest.raises(ValueError, match="alpha_warm"):
         so8t.GateConfig(alpha_warm=0.0)
     with pytest.raises(ValueError, match="safety_class_weights"):
-        train_step.LossConfig(safety_class_weights=(1.0, 0.0, 5.0))
+        objective.LossConfig(safety_class_weights=(1.0, 0.0, 5.0))
     with pytest.raises(ValueError, match="head_learning_rate"):
-        train_step.OptimConfig(head_learning_rate=-1.0)
+        optim.OptimConfig(head_learning_rate=-1.0)
 
 
 def test_run_config_errors_name_the_key():

@@ -5,16 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from so8t_jax import losses, train_step
+from so8t_jax import completions, losses, objective, optim, placement, train_step
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 
 TEACHER = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                       ffn_dim=64)
 STUDENT = TEACHER.replace(n_layers=2, d_model=24, n_heads=3, n_kv_heads=1, ffn_dim=48)
-ALL_TERMS = train_step.LossConfig(divergence="jsd", jsd_beta=0.3, temperature=2.0, kd_weight=1.0, ce_weight=0.5,
+ALL_TERMS = objective.LossConfig(divergence="jsd", jsd_beta=0.3, temperature=2.0, kd_weight=1.0, ce_weight=0.5,
                                   hidden_weight=0.1, so8t_weight=0.2, pet_weight=0.05)
-OPT = train_step.OptimConfig(learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, total_steps=20, weight_decay=0.01,
+OPT = optim.OptimConfig(learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, total_steps=20, weight_decay=0.01,
                              max_grad_norm=1.0)
 
 
@@ -36,7 +36,7 @@ def _batch(b=8, length=12, seed=0, vocab=64):
 def _setup(loss_cfg=ALL_TERMS, optim_cfg=OPT, student=STUDENT, teacher=TEACHER):
     t_params = model_lib.init_params(teacher, jax.random.key(1), std=0.3)
     s_params = model_lib.init_params(student, jax.random.key(2), std=0.3)
-    optimizer = train_step.make_optimizer(optim_cfg)
+    optimizer = optim.make_optimizer(optim_cfg)
     state = train_step.init_state(s_params, optimizer, jax.random.key(3), teacher.d_model, loss_cfg)
     return state, t_params
 
@@ -56,14 +56,14 @@ def test_pmap_mesh_and_single_device_agree():
     batch = _batch()
     s1, m1 = _single(state, teacher, batch)
 
-    pstep, _ = train_step.pmap_step(STUDENT, TEACHER, ALL_TERMS, OPT)
-    replicated = train_step.replicate(state, 8)
-    s2, m2 = pstep(replicated, teacher, train_step.shard_for_pmap(batch, 8), jax.random.key(0))
+    pstep, _ = placement.pmap_step(STUDENT, TEACHER, ALL_TERMS, OPT)
+    replicated = placement.replicate(state, 8)
+    s2, m2 = pstep(replicated, teacher, placement.shard_for_pmap(batch, 8), jax.random.key(0))
     _assert_trees_close(s1.params, jax.tree_util.tree_map(lambda x: x[0], s2.params))
     np.testing.assert_allclose(m1["loss"], m2["loss"][0], rtol=1e-5)
 
-    mesh = train_step.make_mesh()
-    mstep, _, place = train_step.mesh_step(STUDENT, TEACHER, ALL_TERMS, OPT, mesh, shard_teacher=True)
+    mesh = placement.make_mesh()
+    mstep, _, place = placement.mesh_step(STUDENT, TEACHER, ALL_TERMS, OPT, mesh, shard_teacher=True)
     s3, m3 = mstep(*place(state, teacher, batch), jax.random.key(0))
     _assert_trees_close(s1.params, s3.params)
     np.testing.assert_allclose(m1["loss"], m3["loss"], rtol=1e-5)
@@ -74,15 +74,15 @@ def test_gradient_accumulation_equals_full_batch():
     state, teacher = _setup()
     batch = _batch()
     s_full, m_full = _single(state, teacher, batch)
-    accum_cfg = train_step.OptimConfig(**{**OPT.__dict__, "grad_accum_steps": 2})
+    accum_cfg = optim.OptimConfig(**{**OPT.__dict__, "grad_accum_steps": 2})
     micro = jax.tree_util.tree_map(lambda x: x.reshape(2, 4, *x.shape[1:]), batch)
     s_acc, m_acc = _single(state, teacher, micro, optim_cfg=accum_cfg)
     _assert_trees_close(s_full.params, s_acc.params)
     np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-5)
     # and with pmap on top of accumulation
-    pstep, _ = train_step.pmap_step(STUDENT, TEACHER, ALL_TERMS, accum_cfg)
-    s_p, _ = pstep(train_step.replicate(state, 2), teacher,
-                   train_step.shard_for_pmap(micro, 2), jax.random.key(0))
+    pstep, _ = placement.pmap_step(STUDENT, TEACHER, ALL_TERMS, accum_cfg)
+    s_p, _ = pstep(placement.replicate(state, 2), teacher,
+                   placement.shard_for_pmap(micro, 2), jax.random.key(0))
     _assert_trees_close(s_full.params, jax.tree_util.tree_map(lambda x: x[0], s_p.params))
 
 
@@ -92,7 +92,7 @@ def _np_log_softmax(x):
 
 
 def test_reported_terms_match_numpy_reference():
-    lc = train_step.LossConfig(divergence="forward_kl", temperature=2.0, kd_weight=0.7, ce_weight=0.3)
+    lc = objective.LossConfig(divergence="forward_kl", temperature=2.0, kd_weight=0.7, ce_weight=0.3)
     state, teacher = _setup(lc)
     batch = _batch(seed=4)
     _, metrics = _single(state, teacher, batch, loss_cfg=lc)
@@ -113,8 +113,8 @@ def test_reported_terms_match_numpy_reference():
 
 
 def test_chunked_step_equals_plain_step():
-    plain = train_step.LossConfig(divergence="jsd", jsd_beta=0.5, ce_weight=0.5)
-    chunked = train_step.LossConfig(divergence="jsd", jsd_beta=0.5, ce_weight=0.5, chunk_size=16)
+    plain = objective.LossConfig(divergence="jsd", jsd_beta=0.5, ce_weight=0.5)
+    chunked = objective.LossConfig(divergence="jsd", jsd_beta=0.5, ce_weight=0.5, chunk_size=16)
     state, teacher = _setup(plain)
     batch = _batch(seed=5)
     s_plain, m_plain = _single(state, teacher, batch, loss_cfg=plain)
@@ -136,8 +136,8 @@ def _temp_bytes(loss_cfg, vocab, length):
 
 def test_chunked_step_memory_does_not_grow_with_vocab_times_length():
     """Attention scores grow with L^2 in both variants; the [B, L, V] logits only in the plain one."""
-    plain = train_step.LossConfig(divergence="forward_kl")
-    chunked = train_step.LossConfig(divergence="forward_kl", chunk_size=32)
+    plain = objective.LossConfig(divergence="forward_kl")
+    chunked = objective.LossConfig(divergence="forward_kl", chunk_size=32)
     length = 128
     plain_small, plain_big = _temp_bytes(plain, 512, length), _temp_bytes(plain, 8192, length)
     chunk_small, chunk_big = _temp_bytes(chunked, 512, length), _temp_bytes(chunked, 8192, length)
@@ -168,9 +168,9 @@ def test_teacher_untouched_and_only_student_learns():
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "exponential", "constant"])
 def test_schedules(kind):
-    cfg = train_step.OptimConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=5, total_steps=25, schedule=kind,
+    cfg = optim.OptimConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=5, total_steps=25, schedule=kind,
                                  decay_rate=0.01)
-    lr = np.array([float(train_step.make_schedule(cfg)(s)) for s in range(60)])
+    lr = np.array([float(optim.make_schedule(cfg)(s)) for s in range(60)])
     np.testing.assert_allclose(lr[:5], [0.2, 0.4, 0.6, 0.8, 1.0], rtol=1e-6)  # linear warmup
     assert np.all(np.diff(lr[5:]) <= 1e-7) and lr.min() >= 0.1 - 1e-7  # never rises again, floored
     t = np.arange(20) / 20
@@ -181,8 +181,8 @@ def test_schedules(kind):
 
 
 def test_clipping_lr_scale_and_metrics():
-    cfg = train_step.OptimConfig(learning_rate=1e-2, min_lr=1e-2, total_steps=10, max_grad_norm=1e-3)
-    lc = train_step.LossConfig(divergence="forward_kl")
+    cfg = optim.OptimConfig(learning_rate=1e-2, min_lr=1e-2, total_steps=10, max_grad_norm=1e-3)
+    lc = objective.LossConfig(divergence="forward_kl")
     state, teacher = _setup(lc, cfg)
     s1, m1 = _single(state, teacher, _batch(), lc, cfg)
     assert m1["clipped"] == 1.0 and m1["grad_norm"] > 1e-3
@@ -194,9 +194,9 @@ def test_clipping_lr_scale_and_metrics():
 
 
 def test_plateau_lowers_lr():
-    cfg = train_step.OptimConfig(learning_rate=1e-3, min_lr=1e-3, total_steps=100, plateau=True,
+    cfg = optim.OptimConfig(learning_rate=1e-3, min_lr=1e-3, total_steps=100, plateau=True,
                                  plateau_factor=0.5, plateau_patience=2)
-    lc = train_step.LossConfig(divergence="forward_kl")
+    lc = objective.LossConfig(divergence="forward_kl")
     state, teacher = _setup(lc, cfg)
     step, _ = train_step.make_step(STUDENT, TEACHER, lc, cfg)
     step = jax.jit(step)
@@ -212,8 +212,8 @@ def test_plateau_lowers_lr():
 
 
 def test_short_training_halves_the_distillation_loss():
-    lc = train_step.LossConfig(divergence="forward_kl")
-    cfg = train_step.OptimConfig(learning_rate=3e-3, min_lr=3e-4, warmup_steps=10, total_steps=300)
+    lc = objective.LossConfig(divergence="forward_kl")
+    cfg = optim.OptimConfig(learning_rate=3e-3, min_lr=3e-4, warmup_steps=10, total_steps=300)
     state, teacher = _setup(lc, cfg)
     step, _ = train_step.make_step(STUDENT, TEACHER, lc, cfg)
     step = jax.jit(step, donate_argnums=(0,))
@@ -228,17 +228,17 @@ def test_short_training_halves_the_distillation_loss():
 
 def test_loss_config_validation():
     with pytest.raises(ValueError, match="jsd_beta"):
-        train_step.LossConfig(jsd_beta=1.5)
+        objective.LossConfig(jsd_beta=1.5)
     with pytest.raises(ValueError, match="ce_weight"):
-        train_step.LossConfig(ce_weight=-1.0)
+        objective.LossConfig(ce_weight=-1.0)
     with pytest.raises(ValueError, match="schedule"):
-        train_step.OptimConfig(schedule="step")
+        optim.OptimConfig(schedule="step")
     assert losses.default_layer_map(2, 3) == ((0, 1), (1, 2))
 
 
 # ------------------------------------------------------------------------------------ on-policy mixing
 
-POLICY = train_step.PolicyConfig(lmbda=0.5, temperature=1.0, max_new_tokens=6, eos_ids=(1,), pad_id=0)
+POLICY = completions.PolicyConfig(lmbda=0.5, temperature=1.0, max_new_tokens=6, eos_ids=(1,), pad_id=0)
 
 
 def _prompt_batch(b=8, p=5, n=6, seed=0):
@@ -255,24 +255,24 @@ def _prompt_batch(b=8, p=5, n=6, seed=0):
 def test_source_frequency_matches_lmbda():
     n = 4000
     for lmbda in (0.0, 0.3, 0.5, 1.0):
-        policy = train_step.PolicyConfig(lmbda=lmbda)
-        sources = jax.vmap(lambda k, p=policy: train_step.choose_source(k, p))(
+        policy = completions.PolicyConfig(lmbda=lmbda)
+        sources = jax.vmap(lambda k, p=policy: completions.choose_source(k, p))(
             jax.random.split(jax.random.key(7), n))
         frac = float(jnp.mean(sources == 1))
         bound = 4 * np.sqrt(lmbda * (1 - lmbda) / n) + 1e-9  # 4 sigma of a binomial proportion
         assert abs(frac - lmbda) <= bound, (lmbda, frac)
         assert set(np.unique(np.asarray(sources))) <= {0, 1}
-    seq_kd = train_step.PolicyConfig(lmbda=0.25, seq_kd=True)
+    seq_kd = completions.PolicyConfig(lmbda=0.25, seq_kd=True)
     keys = jax.random.split(jax.random.key(8), n)
-    sources = np.asarray(jax.vmap(lambda k: train_step.choose_source(k, seq_kd))(keys))
+    sources = np.asarray(jax.vmap(lambda k: completions.choose_source(k, seq_kd))(keys))
     assert set(np.unique(sources)) == {1, 2} and abs((sources == 2).mean() - 0.75) < 4 * np.sqrt(0.1875 / n)
 
 
 def test_sampled_view_masks_prompt_and_after_eos():
-    state, teacher = _setup(train_step.LossConfig(divergence="jsd"))
+    state, teacher = _setup(objective.LossConfig(divergence="jsd"))
     batch = _prompt_batch()
-    policy = train_step.PolicyConfig(lmbda=1.0, temperature=1.0, max_new_tokens=6, eos_ids=(1, 2, 3), pad_id=0)
-    view = train_step.completions_view(batch, jnp.asarray(1), state.params["student"], teacher, STUDENT, TEACHER,
+    policy = completions.PolicyConfig(lmbda=1.0, temperature=1.0, max_new_tokens=6, eos_ids=(1, 2, 3), pad_id=0)
+    view = completions.completions_view(batch, jnp.asarray(1), state.params["student"], teacher, STUDENT, TEACHER,
                                        policy, jax.random.key(3))
     ids, attn, labels = (np.asarray(view[k]) for k in ("input_ids", "attention_mask", "labels"))
     assert ids.shape == (8, 11)
@@ -288,27 +288,27 @@ def test_sampled_view_masks_prompt_and_after_eos():
 
 
 def test_every_device_takes_the_same_branch():
-    lc = train_step.LossConfig(divergence="jsd")
+    lc = objective.LossConfig(divergence="jsd")
     state, teacher = _setup(lc)
-    pstep, _ = train_step.pmap_step(STUDENT, TEACHER, lc, OPT, policy=POLICY)
-    rep = train_step.replicate(state, 8)
+    pstep, _ = placement.pmap_step(STUDENT, TEACHER, lc, OPT, policy=POLICY)
+    rep = placement.replicate(state, 8)
     sources = []
     for i in range(6):
-        batch = train_step.shard_for_pmap(_prompt_batch(seed=i), 8)
+        batch = placement.shard_for_pmap(_prompt_batch(seed=i), 8)
         rep, metrics = pstep(rep, teacher, batch, jax.random.key(i))
         per_device = np.asarray(metrics["source"])
         assert np.all(per_device == per_device[0]) and np.isfinite(np.asarray(metrics["loss"])).all()
         sources.append(per_device[0])
-    expected = [int(train_step.choose_source(jax.random.key(i), POLICY)) for i in range(6)]
+    expected = [int(completions.choose_source(jax.random.key(i), POLICY)) for i in range(6)]
     assert sources == expected and set(expected) == {0, 1}  # both branches exercised
 
 
 def test_dataset_branch_of_policy_step_equals_plain_step():
-    lc = train_step.LossConfig(divergence="jsd")
+    lc = objective.LossConfig(divergence="jsd")
     state, teacher = _setup(lc)
     batch = _prompt_batch(seed=1)
     key = next(jax.random.key(i) for i in range(100)
-               if int(train_step.choose_source(jax.random.key(i), POLICY)) == 0)
+               if int(completions.choose_source(jax.random.key(i), POLICY)) == 0)
     step_p, _ = train_step.make_step(STUDENT, TEACHER, lc, OPT, policy=POLICY)
     s_policy, m = jax.jit(step_p)(state, teacher, batch, key)
     s_plain, _ = _single(state, teacher, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, lc)

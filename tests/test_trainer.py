@@ -18,7 +18,7 @@ from so8t_jax import audit
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.config import ConfigError
 from so8t_jax.runs import check_config
-from so8t_jax.trainer import train
+from so8t_jax.trainer import Hooks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -130,10 +130,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_teacher, tmp_path):
     assert audit.verify(tmp_path / "killed/smoke").ok
 
 
+def nan_params_at(position):
+    """A fault the test installs: before the step at `position`, every student weight becomes NaN, so that step's
+    loss and gradients are non-finite (the compiled step computes them; nothing is faked downstream)."""
+    def before_step(pos, state):
+        if pos != position:
+            return state
+        return state.replace(params=jax.tree_util.tree_map(lambda x: x * np.nan, state.params))
+    return Hooks(before_step=before_step)
+
+
 def test_nan_gradients_roll_back_and_back_off(tiny_teacher, tmp_path):
-    cfg = tiny_config(tiny_teacher, tmp_path, **{"debug.inject_nan_at_step": 3, "stability.snapshot_every": 1,
-                                                 "policy.lmbda": 0.0, "train.steps": 6})
-    results = train(cfg)
+    cfg = tiny_config(tiny_teacher, tmp_path, **{"stability.snapshot_every": 1, "policy.lmbda": 0.0,
+                                                 "train.steps": 6})
+    results = train(cfg, hooks=nan_params_at(3))
     run = tmp_path / "smoke"
     assert results["rollbacks"] == 1 and results["steps"] == 6
     event = results["rollback_events"][0]
@@ -152,10 +162,9 @@ def test_nan_gradients_roll_back_and_back_off(tiny_teacher, tmp_path):
 
 
 def test_nan_every_step_stops_after_max_rollbacks(tiny_teacher, tmp_path):
-    cfg = tiny_config(tiny_teacher, tmp_path, **{"debug.inject_nan_at_step": 2, "stability.max_rollbacks": 0,
-                                                 "policy.lmbda": 0.0})
+    cfg = tiny_config(tiny_teacher, tmp_path, **{"stability.max_rollbacks": 0, "policy.lmbda": 0.0})
     with pytest.raises(RuntimeError, match="stopped after 0 rollbacks"):
-        train(cfg)
+        train(cfg, hooks=nan_params_at(2))
     assert [e["kind"] for e in audit.show(tmp_path / "smoke")][-1] == "run_end"
 
 

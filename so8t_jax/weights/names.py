@@ -66,12 +66,12 @@ def file_name(entry: Entry, fmt: str, layer: int | None = None) -> str:
 
 def hf_shape(cfg: ModelConfig, ours: str) -> tuple[int, ...]:
     """Shape of one layer's tensor in the files (HF layout) for our leaf name."""
-    d, n, k, h, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    d, q, k, h, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
     leaf = ours.split("/")[-1]
     return {"embed": (v, d), "lm_head": (v, d), "final_norm": (d,), "attn_norm": (d,), "mlp_norm": (d,),
-            "post_attn_norm": (d,), "post_mlp_norm": (d,), "q": (n * h, d), "k": (k * h, d), "v": (k * h, d),
-            "o": (d, n * h), "qkv": ((n + 2 * k) * h, d), "gate": (f, d), "up": (f, d), "gate_up": (2 * f, d),
-            "down": (d, f), "q_bias": (n * h,), "k_bias": (k * h,), "v_bias": (k * h,), "q_norm": (h,),
+            "post_attn_norm": (d,), "post_mlp_norm": (d,), "q": (q * h, d), "k": (k * h, d), "v": (k * h, d),
+            "o": (d, q * h), "qkv": ((q + 2 * k) * h, d), "gate": (f, d), "up": (f, d), "gate_up": (2 * f, d),
+            "down": (d, f), "q_bias": (q * h,), "k_bias": (k * h,), "v_bias": (k * h,), "q_norm": (h,),
             "k_norm": (h,)}[leaf]
 
 
@@ -92,19 +92,19 @@ def _norm_offset(cfg: ModelConfig, fmt: str) -> float:
 
 def to_ours(cfg: ModelConfig, leaf: str, w: np.ndarray, fmt: str) -> np.ndarray:
     """One tensor from HF layout into the decoder's layout (without the stacked layer axis)."""
-    n, k, h, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    q, k, h, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     if leaf.endswith("norm"):
         return w + np.asarray(_norm_offset(cfg, fmt), w.dtype)
     if leaf == "q":
-        return w.T.reshape(d, n, h)
+        return w.T.reshape(d, q, h)
     if leaf in ("k", "v"):
         return w.T.reshape(d, k, h)
     if leaf == "o":
-        return w.T.reshape(n, h, d)
+        return w.T.reshape(q, h, d)
     if leaf in ("gate", "up", "down", "lm_head"):
         return w.T
     if leaf == "q_bias":
-        return w.reshape(n, h)
+        return w.reshape(q, h)
     if leaf in ("k_bias", "v_bias"):
         return w.reshape(k, h)
     return w  # embed

@@ -1,19 +1,13 @@
 """Print a model's config, parameter count and the top-k next tokens for a prompt.
 
-    python scripts/inspect.py PATH [--prompt "What is the capital of France?"] [--k 5] [--raw]
+    python scripts/describe.py PATH [--prompt "What is the capital of France?"] [--k 5] [--raw]
 PATH: a GGUF file, a Hugging Face folder, or a folder written by scripts/convert.py.
 """
-import os
-import sys
+import argparse
+import json
 
-# This file's name shadows the standard library's `inspect`: drop scripts/ from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-import so8t_jax  # noqa: E402
-from so8t_jax.loading import describe  # noqa: E402
+import so8t_jax
+from so8t_jax.loading import describe
 
 
 def main():

@@ -1,0 +1,89 @@
+"""Where each step's completions come from (on-policy GKD): the dataset's own, the student's samples
+(probability lmbda) or the teacher's (seq_kd), chosen by one seeded draw inside the compiled step."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from so8t_jax import sampling
+from so8t_jax.conventions import IGNORE_INDEX
+from so8t_jax.defaults import DEFAULTS
+
+_D = DEFAULTS.policy
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Where each step's completions come from (GKD). One uniform draw per step from the step's rng, the same
+    on every device and host: < lmbda -> the student samples them; else with seq_kd the teacher generates
+    them; else the dataset's own completions. Sampled completions end at the first EOS (labels -100 after)."""
+    lmbda: float = _D.lmbda
+    seq_kd: bool = _D.seq_kd
+    temperature: float = _D.temperature
+    top_k: int = _D.top_k
+    top_p: float = _D.top_p
+    max_new_tokens: int = _D.max_new_tokens
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"policy.lmbda must be in [0, 1], got {self.lmbda}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"policy.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        sampling.Sampler(self.temperature, self.top_k, self.top_p)  # validates the sampling values
+
+    @property
+    def generates(self) -> bool:
+        return self.lmbda > 0 or self.seq_kd
+
+
+SOURCES = ("dataset", "student", "teacher")
+
+
+def choose_source(rng, policy: PolicyConfig) -> jax.Array:
+    """0 dataset, 1 student (on-policy), 2 teacher (seq_kd): the step's single seeded draw."""
+    on_policy = jax.random.uniform(jax.random.fold_in(rng, 0)) < policy.lmbda
+    return jnp.where(on_policy, 1, 2 if policy.seq_kd else 0).astype(jnp.int32)
+
+
+def completions_view(batch, source, student_params, teacher_params, s_cfg, t_cfg, policy: PolicyConfig, key):
+    """The training view (input_ids, attention_mask, labels) of the chosen source, for prompts in
+    batch["prompt_ids"/"prompt_mask"] (left-padded [B, P]); dataset rows are batch's own view ([B, P+N])."""
+    sampler = sampling.Sampler(policy.temperature, policy.top_k, policy.top_p)
+
+    def generated(params, cfg):
+        out = sampling.sample(jax.lax.stop_gradient(params), cfg, batch["prompt_ids"], batch["prompt_mask"], key,
+                              max_new_tokens=policy.max_new_tokens, sampler=sampler, eos_ids=policy.eos_ids,
+                              pad_id=policy.pad_id)
+        labels = jnp.where(out.completion_mask_BxL > 0, out.sequence_BxL, IGNORE_INDEX)
+        return {"input_ids": out.sequence_BxL, "attention_mask": out.sequence_mask_BxL, "labels": labels}
+
+    def dataset():
+        return {k: batch[k].astype(jnp.int32) for k in ("input_ids", "attention_mask", "labels")}
+
+    branches = [dataset, lambda: generated(student_params, s_cfg)]
+    if policy.seq_kd:
+        branches.append(lambda: generated(teacher_params, t_cfg))
+    return jax.lax.switch(jnp.minimum(source, len(branches) - 1), branches)
+
+
+def mix_completions(batch, rng, student_params, teacher_params, s_cfg, t_cfg, policy: PolicyConfig,
+                    axis_name: str | None = None):
+    """(batch with the chosen source's input_ids / attention_mask / labels, source). With axis_name (pmap)
+    each device samples its own shard of prompts; an accumulation axis ([A, B, ...]) is flattened for
+    sampling and restored after."""
+    source = choose_source(rng, policy)
+    key = jax.random.fold_in(rng, 1)
+    if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    lead = batch["prompt_ids"].shape[:-1]  # [B] or [A, B] with accumulation
+
+    def flat(x):
+        return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
+    view = completions_view(jax.tree_util.tree_map(flat, batch), source, student_params, teacher_params,
+                            s_cfg, t_cfg, policy, key)
+    view = jax.tree_util.tree_map(lambda x: x.reshape(*lead, x.shape[-1]), view)
+    return {**batch, **view}, source
