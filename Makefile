@@ -6,7 +6,7 @@ EXTRAS ?= dev,oracle
 CONFIG ?= configs/gkd.py
 RUN ?= checkpoints/gkd-smollm2
 
-.PHONY: install train predict-student evaluate export tensorboard test lint bench
+.PHONY: install train predict-student evaluate export tensorboard test test-slow lint bench
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,7 +33,11 @@ tensorboard:
 	$(PY) -m tensorboard.main --logdir $(RUN)/tensorboard
 
 test:
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests
+
+# real-size end-to-end checks (SmolLM2 teacher on 8 fake devices, ...): minutes each; CI runs them after `make test`
+test-slow:
+	$(PY) -m pytest -n 2 --dist loadfile -m slow tests
 
 lint:
 	$(VENV)/bin/ruff check so8t_jax scripts tests configs

@@ -25,7 +25,7 @@ def resolve_teacher_path(path: str) -> pathlib.Path:
         return smollm2_gguf()
     p = pathlib.Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"teacher.path: {path} does not exist")
+        raise ConfigError(f"config: teacher.path {path!r} does not exist")
     return p
 
 
@@ -84,13 +84,14 @@ def reconcile_vocab(teacher: Model, student: Model) -> tuple[Model, Model, str |
     if student.tokenizer is not None and teacher.tokenizer is not None \
             and student.tokenizer is not teacher.tokenizer \
             and student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-        raise ValueError("teacher and student tokenizers differ: distillation needs a shared vocabulary")
+        raise ConfigError(f"config: the student's tokenizer ({student.source}) differs from the teacher's "
+                          f"({teacher.source}): distillation needs a shared vocabulary")
     if vt == vs:
         return teacher, student, None
     n = min(vt, vs)
     if teacher.tokenizer is not None and len(teacher.tokenizer) > n:
-        raise ValueError(f"vocab sizes {vt} (teacher) and {vs} (student) differ beyond padding "
-                         f"(the tokenizer has {len(teacher.tokenizer)} tokens)")
+        raise ConfigError(f"config: vocab sizes {vt} (teacher) and {vs} (student) differ beyond padding "
+                          f"(the tokenizer has {len(teacher.tokenizer)} tokens)")
 
     def cut(m: Model) -> Model:
         p = dict(m.params, embed=m.params["embed"][:n])

@@ -6,7 +6,9 @@ import json
 import pathlib
 import sys
 
-from so8t_jax.config import set_path
+from so8t_jax.config import ConfigError, set_path
+from so8t_jax.rows import DataError
+from so8t_jax.weights.common import WeightsError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SHORTCUTS = {"teacher": "teacher.path", "output": "output_dir", "steps": "train.steps", "epochs": "train.epochs",
@@ -49,6 +51,7 @@ def run_train(argv: list[str]) -> int:
     flags.DEFINE_integer("samples", None, "number of builtin:diverse prompts")
     flags.DEFINE_string("run_name", None, "run folder name (run_name)")
     flags.DEFINE_bool("resume", None, "continue from the run's latest checkpoint (train.resume)")
+    flags.DEFINE_bool("debug", False, "show the traceback of a configuration, weights or data error")
     config_flags.DEFINE_config_file("config", None, "ml_collections config file or name in configs/",
                                     lock_config=True)
     FLAGS = flags.FLAGS
@@ -58,7 +61,7 @@ def run_train(argv: list[str]) -> int:
 
         from absl import logging
 
-        from so8t_jax.trainer import train
+        from so8t_jax.trainer import TrainingStopped, train
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         py_logging.getLogger("absl").setLevel(py_logging.WARNING)
         config = FLAGS.config
@@ -71,7 +74,13 @@ def run_train(argv: list[str]) -> int:
                 config.data.source = f"builtin:diverse:{FLAGS.samples}"
             if FLAGS.resume is not None:
                 config.train.resume = FLAGS.resume
-        results = train(config)
+        try:
+            results = train(config)
+        except (ConfigError, WeightsError, DataError, TrainingStopped) as e:
+            if FLAGS.debug:
+                raise
+            # one line, no traceback: the message names the key, file or row and the problem
+            raise SystemExit(f"error: {' '.join(str(e).split())}") from None
         summary = {k: results[k] for k in ("run", "steps", "compression_ratio", "loss", "wall_time_s",
                                            "tokens_per_s")}
         summary["heldout_loss_final"] = results["evaluation"].get("heldout_loss_final")

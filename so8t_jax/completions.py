@@ -49,15 +49,17 @@ def choose_source(rng, policy: PolicyConfig) -> jax.Array:
     return jnp.where(on_policy, 1, 2 if policy.seq_kd else 0).astype(jnp.int32)
 
 
-def completions_view(batch, source, student_params, teacher_params, s_cfg, t_cfg, policy: PolicyConfig, key):
+def completions_view(batch, source, student_params, teacher_params, s_cfg, t_cfg, policy: PolicyConfig, key,
+                     row_ids_B=None):
     """The training view (input_ids, attention_mask, labels) of the chosen source, for prompts in
-    batch["prompt_ids"/"prompt_mask"] (left-padded [B, P]); dataset rows are batch's own view ([B, P+N])."""
+    batch["prompt_ids"/"prompt_mask"] (left-padded [B, P]); dataset rows are batch's own view ([B, P+N]).
+    row_ids_B: the rows' global ids, which seed their samples (sampling.sample)."""
     sampler = sampling.Sampler(policy.temperature, policy.top_k, policy.top_p)
 
     def generated(params, cfg):
         out = sampling.sample(jax.lax.stop_gradient(params), cfg, batch["prompt_ids"], batch["prompt_mask"], key,
                               max_new_tokens=policy.max_new_tokens, sampler=sampler, eos_ids=policy.eos_ids,
-                              pad_id=policy.pad_id)
+                              pad_id=policy.pad_id, row_ids_B=row_ids_B)
         labels = jnp.where(out.completion_mask_BxL > 0, out.sequence_BxL, IGNORE_INDEX)
         return {"input_ids": out.sequence_BxL, "attention_mask": out.sequence_mask_BxL, "labels": labels}
 
@@ -72,18 +74,30 @@ def completions_view(batch, source, student_params, teacher_params, s_cfg, t_cfg
 
 def mix_completions(batch, rng, student_params, teacher_params, s_cfg, t_cfg, policy: PolicyConfig,
                     axis_name: str | None = None):
-    """(batch with the chosen source's input_ids / attention_mask / labels, source). With axis_name (pmap)
-    each device samples its own shard of prompts; an accumulation axis ([A, B, ...]) is flattened for
-    sampling and restored after."""
+    """(batch with the chosen source's input_ids / attention_mask / labels, source). An accumulation axis
+    ([A, B, ...]) is flattened for sampling and restored after. Each row samples with its global id, so one
+    device, a batch split over axis_name's devices and accumulation all draw the same completions."""
     source = choose_source(rng, policy)
     key = jax.random.fold_in(rng, 1)
-    if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    lead = batch["prompt_ids"].shape[:-1]  # [B] or [A, B] with accumulation
+    lead = batch["prompt_ids"].shape[:-1]  # [B] or [A, B] with accumulation (B: this device's rows)
 
     def flat(x):
         return x.reshape(-1, x.shape[-1]) if x.ndim > 2 else x
     view = completions_view(jax.tree_util.tree_map(flat, batch), source, student_params, teacher_params,
-                            s_cfg, t_cfg, policy, key)
+                            s_cfg, t_cfg, policy, key, global_row_ids(lead, axis_name).reshape(-1))
     view = jax.tree_util.tree_map(lambda x: x.reshape(*lead, x.shape[-1]), view)
     return {**batch, **view}, source
+
+
+def global_row_ids(lead: tuple[int, ...], axis_name: str | None = None) -> jax.Array:
+    """Ids of a (local) [B] or [A, B] batch's rows in the global batch, row-major as one device holds it:
+    with axis_name, this device's B rows are columns d*B .. d*B+B-1 of A rows of n*B (n devices)."""
+    b = lead[-1]
+    cols = jnp.arange(b, dtype=jnp.int32)
+    width = b
+    if axis_name is not None:
+        cols = cols + jax.lax.axis_index(axis_name).astype(jnp.int32) * b
+        width = b * jax.lax.axis_size(axis_name)
+    if len(lead) == 1:
+        return cols
+    return jnp.arange(lead[0], dtype=jnp.int32)[:, None] * width + cols[None, :]

@@ -64,9 +64,7 @@ def check_config(config) -> None:
     need(c.eval.rows >= 0, "eval.rows", ">= 0")
     need(set(c.export.formats) <= {"hf", "gguf", ""}, "export.formats", "a subset of ('hf', 'gguf')")
     need(c.export.gguf_type in ("F32", "F16", "Q8_0"), "export.gguf_type", "one of F32, F16, Q8_0")
-    if c.parallel.mode == "pmap":
-        need(c.train.batch_size % jax.local_device_count() == 0, "train.batch_size",
-             f"a multiple of the {jax.local_device_count()} local devices (pmap)")
+    check_parallel(c)
     try:
         LossConfig(**c.loss.to_dict())
         OptimConfig(total_steps=c.train.steps, **c.optim.to_dict())
@@ -79,6 +77,19 @@ def check_config(config) -> None:
         raise ConfigError(f"config: teacher.path {c.teacher.path!r} does not exist")
     if c.student.init == "path" and not pathlib.Path(c.student.path).exists():
         raise ConfigError(f"config: student.path {c.student.path!r} does not exist")
+
+
+def check_parallel(config) -> None:
+    """Divisibility a parallel mode needs, before any model loads: the batch's rows split evenly over the
+    data-parallel devices (pmap: this host's devices; mesh: every device)."""
+    mode = config.parallel.mode
+    if mode == "single":
+        return
+    n = jax.local_device_count() if mode == "pmap" else jax.device_count()
+    b = config.train.batch_size
+    if b % n:
+        raise ConfigError(f"config: train.batch_size must be a multiple of the {n} devices parallel.mode={mode} "
+                          f"splits it over, got {b} (use {max(n, b - b % n)} or parallel.mode=single)")
 
 
 def write_json(path: pathlib.Path, obj) -> None:

@@ -122,6 +122,13 @@ class Sampler:
             return jnp.argmax(logits_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
         return jax.random.categorical(key, self.filtered_logits(logits_BxV), axis=-1).astype(jnp.int32)
 
+    def per_row(self, logits_BxV, keys_B):
+        """Like __call__ with one key per row: a row's token does not depend on which other rows share its
+        batch, so sampling split over devices draws what one device would."""
+        if self.greedy:
+            return self(logits_BxV, None)
+        return jax.vmap(jax.random.categorical)(keys_B, self.filtered_logits(logits_BxV)).astype(jnp.int32)
+
 
 GREEDY = Sampler()
 
@@ -161,10 +168,14 @@ def _last_logits(params, cfg: ModelConfig, hidden_BxTxD):
 
 def sample(params, cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, key, *, max_new_tokens: int,
            sampler: Sampler = GREEDY, eos_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype=None,
-           return_logits: bool = False) -> SampleOutput:
+           return_logits: bool = False, row_ids_B=None) -> SampleOutput:
     """Generate up to max_new_tokens after left-padded prompts. Pure; jit with everything after `key`
     static (see make_sample_fn). key may be None for a greedy sampler. cache_dtype defaults to the
     embedding's dtype.
+
+    Row r's token i is drawn with fold_in(fold_in(key, row_ids_B[r]), i) (row_ids_B defaults to 0..B-1): a
+    row's sample depends on its id, not on the batch it shares, so a batch split over devices (passing each
+    shard's global row ids) samples exactly what one device samples.
 
     LongRoPE models choose long or short rope factors by the cache capacity P + max_new_tokens (as
     llama.cpp does by n_ctx), so left padding and bucketing can move a short sequence past
@@ -178,6 +189,11 @@ def sample(params, cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, key, *,
     eos_E = jnp.asarray(sorted({int(e) for e in eos_ids}) or [-1], jnp.int32)  # -1 matches nothing
     cache_dtype = params["embed"].dtype if cache_dtype is None else cache_dtype
 
+    row_keys_B = None
+    if not sampler.greedy:
+        row_ids_B = jnp.arange(b, dtype=jnp.int32) if row_ids_B is None else row_ids_B
+        row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids_B)
+
     cache = model_lib.init_cache(cfg, b, p + n, cache_dtype)
     out = model_lib.forward(params, cfg, prompt_tokens_BxP, mask_BxT=prompt_mask_BxP, cache=cache,
                             logits=False)
@@ -185,8 +201,8 @@ def sample(params, cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, key, *,
 
     def emit(i, logits_BxV, tokens_BxN, done_B, lengths_B, all_logits):
         """Draw step i's token from logits_BxV and record it (pad for rows already done)."""
-        step_key = None if sampler.greedy else jax.random.fold_in(key, i)
-        tok_B = jnp.where(done_B, pad_id, sampler(logits_BxV, step_key))
+        keys_B = None if sampler.greedy else jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, i)
+        tok_B = jnp.where(done_B, pad_id, sampler.per_row(logits_BxV, keys_B))
         tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, tok_B[:, None], i, axis=1)
         lengths_B = lengths_B + (~done_B).astype(jnp.int32)
         done_B = done_B | jnp.isin(tok_B, eos_E)

@@ -41,6 +41,10 @@ from so8t_jax.train_step import TrainState, init_state
 from so8t_jax.weights.export import export
 
 
+class TrainingStopped(RuntimeError):
+    """The stability monitor gave up (stability.max_rollbacks reached); the message says what to change."""
+
+
 @dataclasses.dataclass
 class Hooks:
     """Seams a caller (the tests) installs; never a config key. before_step(position, state) -> state runs on
@@ -81,7 +85,7 @@ class Run:
 
     @property
     def step(self) -> int:
-        return int(self.placement.host_state(self.state).step)
+        return int(self.state.step)
 
     def meta(self) -> dict:
         """The host-side state saved beside every checkpoint and snapshot."""
@@ -94,16 +98,31 @@ class Run:
 def train(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> dict:
     """Run the job described by `config` (so8t_jax/defaults.py); returns distillation_results.json's content."""
     run = setup(config, hooks)
-    while run.step < run.steps:
-        pos = run.host["position"]
-        run.host["position"] += 1
-        if run.rollback.should_skip(pos):
-            continue
-        metrics, tokens = one_step(run, pos)
-        if observe(run, pos, metrics):
-            record(run, metrics, tokens)
-            periodic(run)
-    return finish(run)
+    try:
+        while run.step < run.steps:
+            pos = run.host["position"]
+            run.host["position"] += 1
+            if run.rollback.should_skip(pos):
+                continue
+            metrics, tokens = one_step(run, pos)
+            if observe(run, pos, metrics):
+                record(run, metrics, tokens)
+                periodic(run)
+        return finish(run)
+    except BaseException:
+        close(run)  # no checkpoint thread or open file outlives a failed run
+        raise
+
+
+def close(run: Run) -> None:
+    """Finish pending asynchronous saves and close every writer of the run (safe to call twice)."""
+    for closer in (run.ckpt.close, run.snapshots.close, run.log.close,
+                   run.logger.close if run.logger is not None else None):
+        if closer is not None:
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - closing after a failure must not hide the failure
+                pass
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -134,9 +153,13 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
               stability.RollbackPolicy(stab_cfg), Checkpointer(run_dir / "orbax", keep=config.train.keep_checkpoints),
               stability.SnapshotKeeper(run_dir / "snapshots", stab_cfg.keep_snapshots), audit.AuditLog(run_dir),
               hooks or Hooks(), start_time, vocab_note)
-    _resume_or_start(run, data.fingerprint(rows))
-    run.logger = ProgressLogger(run_dir / "tensorboard", total=steps, initial=int(run.state.step))
-    run.state, run.teacher_params = placement.to_device(run.state, run.teacher_params)
+    try:
+        _resume_or_start(run, data.fingerprint(rows))
+        run.logger = ProgressLogger(run_dir / "tensorboard", total=steps, initial=int(run.state.step))
+        run.state, run.teacher_params = placement.to_device(run.state, run.teacher_params)
+    except BaseException:
+        close(run)
+        raise
     run.eval_fn = jax.jit(lambda p, t, b: loss_terms(p, t, b, batch_counts(b, loss_cfg), student.config,
                                                      teacher.config, loss_cfg))
     return run
@@ -202,7 +225,7 @@ def observe(run: Run, pos: int, metrics: dict[str, float]) -> bool:
     step = run.step
     norms = None
     if run.monitor.wants_norms(step):
-        norms = jax.device_get(stability.group_norms(run.placement.host_state(run.state).params))
+        norms = jax.device_get(stability.group_norms(run.state.params))
     anomalies = run.monitor.check(step, metrics, norms)
     if not anomalies:
         return True
@@ -211,9 +234,8 @@ def observe(run: Run, pos: int, metrics: dict[str, float]) -> bool:
         run.log.append(audit.ANOMALY, anomaly=a.to_dict(), position=pos)
     if decision.action == "stop":
         run.log.append(audit.RUN_END, status="stopped", message=decision.message, step=step)
-        run.logger.close()
-        raise RuntimeError(decision.message)
-    snap_step, snap_state, snap_meta = run.snapshots.latest(target=run.placement.host_state(run.state))
+        raise TrainingStopped(decision.message)
+    snap_step, snap_state, snap_meta = run.snapshots.latest(target=run.state)
     state = snap_state.replace(lr_scale=jnp.asarray(decision.lr_scale, jnp.float32))
     run.state, _ = run.placement.to_device(state, None)
     run.host["position"] = snap_meta["position"]
@@ -244,7 +266,7 @@ def heldout_loss(run: Run) -> float | None:
     c = run.config
     hb = data.Batcher(run.heldout_enc, c.train.batch_size, c.seed, tuple(c.data.prompt_buckets),
                       run.policy.max_new_tokens, run.policy.pad_id)
-    params = run.placement.host_state(run.state).params
+    params = run.state.params
     vals = []
     for i in range(c.train.eval_batches):
         b = hb.batch(i)
@@ -257,7 +279,7 @@ def periodic(run: Run) -> None:
     """What falls due after a healthy step: stability snapshot, held-out loss (and best checkpoint), periodic
     checkpoint, sample completions."""
     c, step = run.config, run.step
-    host_state = run.placement.host_state(run.state)
+    host_state = run.state
     if step % c.stability.snapshot_every == 0:
         run.snapshots.save(step, host_state, run.meta())
     if c.train.eval_every and step % c.train.eval_every == 0:
@@ -292,7 +314,7 @@ def samples(cfg, params, tokenizer, rows, policy: PolicyConfig) -> list[tuple[st
 def finish(run: Run) -> dict:
     """Final checkpoint, the folded student in student/, held-out loss, results JSON and model card, then
     export and evaluation (_outputs); the audit log's run_end."""
-    final = run.placement.host_state(run.state)
+    final = run.state
     run.ckpt.save_final(final, run.meta())
     run.ckpt.close()
     run.snapshots.close()

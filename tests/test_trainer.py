@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -18,7 +19,7 @@ from so8t_jax import audit
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.config import ConfigError
 from so8t_jax.runs import check_config
-from so8t_jax.trainer import Hooks, train
+from so8t_jax.trainer import Hooks, TrainingStopped, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -163,8 +164,13 @@ def test_nan_gradients_roll_back_and_back_off(tiny_teacher, tmp_path):
 
 def test_nan_every_step_stops_after_max_rollbacks(tiny_teacher, tmp_path):
     cfg = tiny_config(tiny_teacher, tmp_path, **{"stability.max_rollbacks": 0, "policy.lmbda": 0.0})
-    with pytest.raises(RuntimeError, match="stopped after 0 rollbacks"):
+    before = set(threading.enumerate())
+    with pytest.raises(TrainingStopped, match="stopped after 0 rollbacks"):
         train(cfg, hooks=nan_params_at(2))
+    deadline = time.time() + 10
+    while set(threading.enumerate()) - before and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [t.name for t in set(threading.enumerate()) - before]  # no saver thread outlives the failed run
     assert [e["kind"] for e in audit.show(tmp_path / "smoke")][-1] == "run_end"
 
 
@@ -227,11 +233,40 @@ def test_unknown_config_key():
 def test_cli_config_error_is_clear_and_fast(tiny_teacher, tmp_path):
     start = time.time()
     res = _cli(tiny_teacher, tmp_path, "--config.policy.lmbda=1.5", timeout=300)
-    assert res.returncode != 0 and "policy.lmbda must be in [0, 1], got 1.5" in res.stderr
+    assert res.returncode != 0 and res.stderr.strip().splitlines() == [
+        "error: config: policy.lmbda must be in [0, 1], got 1.5"]  # one line, no traceback
     res = _cli(tiny_teacher, tmp_path, "--config.loss.no_such_key=1", timeout=300)
     assert res.returncode != 0 and "no_such_key" in res.stderr
-    assert time.time() - start < 120
+    res = _cli(tiny_teacher, tmp_path, "--config.parallel.mode=mesh", "--config.train.batch_size=4", timeout=300)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: config: train.batch_size must be a multiple of the 8 devices parallel.mode=mesh splits it over, "
+        "got 4 (use 8 or parallel.mode=single)"]
+    res = _cli(tiny_teacher, tmp_path, "--config.parallel.mode=mesh", "--config.train.batch_size=4", "--debug",
+               timeout=300)
+    assert res.returncode != 0 and "Traceback" in res.stderr  # --debug shows where it came from
+    assert time.time() - start < 200
     assert not (tmp_path / "smoke").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("mode", ["pmap", "mesh"])
+def test_parallel_modes_check_batch_divisibility(mode):
+    c = smoke.get_config()
+    c.parallel.mode, c.train.batch_size = mode, 12
+    with pytest.raises(ConfigError, match=f"train.batch_size must be a multiple of the 8 devices parallel.mode={mode}"
+                                          " splits it over, got 12 \\(use 8"):
+        check_config(c)
+    c.train.batch_size = 16
+    check_config(c)
+    c.parallel.mode, c.train.batch_size = "single", 12
+    check_config(c)
+
+
+def test_bad_teacher_file_is_one_clear_line(tmp_path):
+    bad = tmp_path / "teacher.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    res = _cli(bad, tmp_path / "out", timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0]
 
 
 def test_default_job_runs_on_smollm2(tmp_path):
