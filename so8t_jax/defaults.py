@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.safety_weight = 0.0         # lambda_safety: 3-class safety head on the last prompt token (adds heads)
     c.loss.verification_weight = 0.0   # lambda_verification: per-token verifier head (adds heads)
     c.loss.safety_class_weights = (1.0, 3.0, 5.0)  # allow, escalate, deny
-    c.loss.chunk_size = 0              # > 0: never materialise [B, L, V] logits
+    c.loss.chunk_size = 256            # > 0: losses from hidden states in chunks of this many positions, never the
+                                       # [B, L, V] logits of either model (0: full logits, the parity tests' path)
 
     # SO(8) rotation gates on every attention / MLP output: y -> y + sigmoid(alpha) (blockdiag(R) y - y),
     # R = expm(skew(28 params)) per 8-dim block, zero (R = I) at the start. alpha is not learned; at optimizer
@@ -94,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.steps = 200                # used when epochs == 0
     c.train.epochs = 0                 # > 0: steps = epochs * ceil(train rows / batch_size)
     c.train.batch_size = 8
+    c.train.compute_dtype = "float32"  # forward / backward dtype (float32 | bfloat16); params and Adam moments stay
+                                       # in student.dtype (the master copy); softmax, losses, lm_head sums in float32
+    c.train.remat = "none"             # student layer-scan rematerialisation: none | dots | full
     c.train.log_every = 1
     c.train.eval_every = 50
     c.train.eval_batches = 2

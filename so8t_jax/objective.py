@@ -20,6 +20,17 @@ from so8t_jax.conventions import IGNORE_INDEX
 from so8t_jax.defaults import DEFAULTS
 
 _D = DEFAULTS.loss
+COMPUTE_DTYPES = ("float32", "bfloat16")
+REMAT_MODES = ("none", "dots", "full")
+
+
+def in_compute_dtype(params, dtype: str):
+    """Floating leaves cast to the compute dtype (a no-op for float32 masters in float32). The cast is inside
+    the differentiated function, so gradients arrive in the master dtype and updates below the compute
+    dtype's resolution still move the master weights."""
+    dt = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +53,8 @@ class LossConfig:
     safety_class_weights: tuple[float, float, float] = tuple(_D.safety_class_weights)  # allow, escalate, deny
     chunk_size: int = _D.chunk_size      # > 0: chunked losses from hidden states, never [B, L, V] logits
     layer_map: tuple[tuple[int, int], ...] | None = None  # student -> teacher layer pairs for hidden terms
+    compute_dtype: str = DEFAULTS.train.compute_dtype  # the student's forward / backward dtype (train.compute_dtype)
+    remat: str = DEFAULTS.train.remat      # the student's layer-scan rematerialisation (train.remat)
 
     def __post_init__(self):
         if self.divergence not in losses.DIVERGENCE_KINDS:
@@ -56,6 +69,10 @@ class LossConfig:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if len(self.safety_class_weights) != 3 or min(self.safety_class_weights) <= 0:
             raise ValueError(f"loss.safety_class_weights must be 3 positive numbers, got {self.safety_class_weights}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"train.compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"train.remat must be one of {REMAT_MODES}, got {self.remat!r}")
 
     @property
     def needs_heads(self) -> bool:
@@ -105,6 +122,7 @@ def loss_terms(trainable, teacher_params, batch, counts, s_cfg: ModelConfig, t_c
     if lc.needs_heads and not so8t.has_heads(student):
         raise KeyError("loss.safety_weight / loss.verification_weight > 0 need the student's SO8T heads "
                        "(so8t.init_heads)")
+    student = in_compute_dtype(student, lc.compute_dtype)
     s_out, t_out = _forwards(student, teacher_params, batch, s_cfg, t_cfg, lc)
     target_mask_BxL = batch["labels"][:, 1:] != IGNORE_INDEX
     terms, agree_BxL = _token_terms(student, teacher_params, s_out, t_out, batch, counts, s_cfg, t_cfg, lc)
@@ -118,13 +136,15 @@ def loss_terms(trainable, teacher_params, batch, counts, s_cfg: ModelConfig, t_c
 
 
 def _forwards(student, teacher_params, batch, s_cfg, t_cfg, lc: LossConfig):
-    """The student's forward pass and (under stop_gradient, only when a term needs it) the teacher's; [B, L, V]
-    logits only without chunking, hidden states of every layer only for the hidden terms."""
+    """The student's forward pass (in the compute dtype, rematerialised as lc.remat says) and, under
+    stop_gradient and only when a term needs it, the teacher's (in the dtype it is stored in); [B, L, V] logits
+    only without chunking, hidden states of every layer only for the hidden terms."""
     tokens, attn = batch["input_ids"], batch["attention_mask"]
     need_hidden = lc.hidden_weight > 0 or lc.so8t_weight > 0
     verify = lc.verification_weight > 0
     need_logits = lc.chunk_size == 0 and (lc.kd_weight > 0 or lc.ce_weight > 0 or verify)
-    s_out = model_lib.forward(student, s_cfg, tokens, mask_BxT=attn, output_hidden=need_hidden, logits=need_logits)
+    s_out = model_lib.forward(student, s_cfg, tokens, mask_BxT=attn, output_hidden=need_hidden, logits=need_logits,
+                              remat=lc.remat)
     t_out = None
     if lc.kd_weight > 0 or need_hidden or verify:
         t_out = jax.lax.stop_gradient(model_lib.forward(

@@ -66,7 +66,7 @@ def check_config(config) -> None:
     need(c.export.gguf_type in ("F32", "F16", "Q8_0"), "export.gguf_type", "one of F32, F16, Q8_0")
     check_parallel(c)
     try:
-        LossConfig(**c.loss.to_dict())
+        LossConfig(**c.loss.to_dict(), compute_dtype=c.train.compute_dtype, remat=c.train.remat)
         OptimConfig(total_steps=c.train.steps, **c.optim.to_dict())
         PolicyConfig(**{k: v for k, v in c.policy.to_dict().items()})
         stability.StabilityConfig(**c.stability.to_dict())

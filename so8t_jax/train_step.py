@@ -132,6 +132,11 @@ def _make_update(optimizer, schedule, optim_cfg: OptimConfig):
         if alpha is not None:
             params = _with_alpha(params, alpha)
         grad_norm = optax.tree_utils.tree_norm(grads)
+        # A non-finite loss or gradient never reaches the weights or the Adam moments: the step keeps the old
+        # ones (the host's monitor still sees the NaN one step later and rolls back, as the loop decides).
+        finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                                   (params, opt_state), (state.params, state.opt_state))
         step_lr = schedule(state.step) * state.lr_scale
         if optim_cfg.plateau:
             step_lr = step_lr * optax.tree_utils.tree_get(opt_state, "scale")
@@ -140,6 +145,6 @@ def _make_update(optimizer, schedule, optim_cfg: OptimConfig):
                    "update_norm": optax.tree_utils.tree_norm(updates),
                    "clipped": (grad_norm > optim_cfg.max_grad_norm).astype(jnp.float32)
                    if optim_cfg.max_grad_norm > 0 else jnp.zeros(()),
-                   "lr": step_lr}
+                   "lr": step_lr, "skipped": 1.0 - finite.astype(jnp.float32)}
         return TrainState(state.step + 1, params, opt_state, state.lr_scale), metrics
     return update

@@ -1,11 +1,18 @@
 """The training loop. `train(config)` is the whole job, in named phases:
 
     run = setup(config)                      # config check, teacher + student + data, placement, resume
-    while run.step < run.steps:
-        metrics = one_step(run, position)    # the compiled step on the position's batch
-        observe(run, ...)                    # stability: on an anomaly, roll back and skip the batch
-        record(run, ...); periodic(run, ...) # logs, snapshots, held-out loss, checkpoints, samples
+    while steps remain:
+        pending = dispatch(run, position)    # the compiled step on the position's batch, not waited for
+        resolve(run, previous)               # the step before: observe (stability: on an anomaly roll back
+                                             # and skip its batch), record, periodic (snapshots, held-out
+                                             # loss, checkpoints, samples)
     finish(run)                              # final checkpoint, student/, results, export, evaluation
+
+The loop is asynchronous: step N+1 is dispatched before step N's metrics are read, batches are built on a
+background thread (prefetch.py), and periodic checkpoints are written by Orbax in the background. Steps that
+need their own state on the host (snapshots, checkpoints, held-out loss, samples, weight norms, the last step)
+are resolved before the next dispatch. A non-finite step leaves the weights unchanged inside the compiled
+step, so the step dispatched after it computes on healthy weights until the monitor rolls both back.
 
 Everything a step depends on is a function of (seed, data position): the batch (data.Batcher) and the step's
 rng (fold_in(seed, position)). With the state restored bitwise from Orbax, a resumed run therefore ends with
@@ -14,7 +21,6 @@ the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import time
@@ -26,19 +32,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from so8t_jax import audit, build, data, so8t, stability
+from so8t_jax import audit, build, data, outputs, so8t, stability
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.completions import PolicyConfig
-from so8t_jax.evaluate import evaluate_run, format_table
-from so8t_jax.loading import Model, encode_prompt, save_converted
+from so8t_jax.loading import Model, save_converted
 from so8t_jax.objective import LossConfig, batch_counts, loss_terms
 from so8t_jax.optim import OptimConfig
 from so8t_jax.placement import Placement
+from so8t_jax.prefetch import Prefetcher
 from so8t_jax.progress import ProgressLogger
-from so8t_jax.runs import check_config, model_card, write_json, write_results, write_text
-from so8t_jax.sampling import GREEDY, bucket_length, left_pad, make_sample_fn
+from so8t_jax.runs import check_config, write_json, write_results
 from so8t_jax.train_step import TrainState, init_state
-from so8t_jax.weights.export import export
 
 
 class TrainingStopped(RuntimeError):
@@ -80,12 +84,16 @@ class Run:
     resumed_from: int | None = None
     logger: ProgressLogger | None = None
     eval_fn: Callable | None = None
+    prefetch: Prefetcher | None = None
+    dispatched: int = 0             # steps dispatched (state.step once they finish), counted on the host
+    unlogged_checkpoint: dict | None = None  # the last periodic save, audited once Orbax has committed it
     host: dict = dataclasses.field(default_factory=lambda: {"position": 0, "history": [], "eval": [], "tokens": 0,
                                                             "elapsed": 0.0})
 
     @property
     def step(self) -> int:
-        return int(self.state.step)
+        """Steps dispatched so far (the host's count: reading state.step would wait for the device)."""
+        return self.dispatched
 
     def meta(self) -> dict:
         """The host-side state saved beside every checkpoint and snapshot."""
@@ -95,29 +103,43 @@ class Run:
                 "elapsed": h["elapsed"] + time.time() - self.start_time, "seed": self.config.seed}
 
 
+@dataclasses.dataclass
+class Pending:
+    """A dispatched step: its data position, the step number its update makes, its metrics (still on the
+    device) and the batch's token count."""
+    pos: int
+    step: int
+    metrics: dict
+    tokens: int
+
+
 def train(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> dict:
     """Run the job described by `config` (so8t_jax/defaults.py); returns distillation_results.json's content."""
     run = setup(config, hooks)
     try:
-        while run.step < run.steps:
-            pos = run.host["position"]
-            run.host["position"] += 1
-            if run.rollback.should_skip(pos):
+        pending = None
+        while pending is not None or run.dispatched < run.steps:
+            if pending is not None and (pending.step >= run.steps or sync_point(run, pending.step)):
+                resolve(run, pending)  # this step's own state is needed on the host: nothing dispatched after it
+                pending = None
                 continue
-            metrics, tokens = one_step(run, pos)
-            if observe(run, pos, metrics):
-                record(run, metrics, tokens)
-                periodic(run)
+            new = dispatch(run, next_position(run))
+            if pending is not None and not resolve(run, pending):
+                new = None  # rolled back: the step dispatched after the bad one goes with it
+            pending = new
         return finish(run)
     except BaseException:
-        close(run)  # no checkpoint thread or open file outlives a failed run
+        close(run)  # no checkpoint or prefetch thread, no open file outlives a failed run
         raise
 
 
 def close(run: Run) -> None:
     """Finish pending asynchronous saves and close every writer of the run (safe to call twice)."""
-    for closer in (run.ckpt.close, run.snapshots.close, run.log.close,
-                   run.logger.close if run.logger is not None else None):
+    def audit_saved():
+        _log_saved_checkpoint(run)
+
+    for closer in (run.prefetch.close if run.prefetch is not None else None, run.ckpt.close, audit_saved,
+                   run.snapshots.close, run.log.close, run.logger.close if run.logger is not None else None):
         if closer is not None:
             try:
                 closer()
@@ -157,6 +179,8 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
         _resume_or_start(run, data.fingerprint(rows))
         run.logger = ProgressLogger(run_dir / "tensorboard", total=steps, initial=int(run.state.step))
         run.state, run.teacher_params = placement.to_device(run.state, run.teacher_params)
+        run.dispatched = int(run.state.step)
+        run.prefetch = Prefetcher(lambda pos: step_batch(run, pos), lambda pos: _following(run, pos))
     except BaseException:
         close(run)
         raise
@@ -208,21 +232,62 @@ def step_batch(run: Run, pos: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def one_step(run: Run, pos: int) -> tuple[dict[str, float], int]:
-    """Run the compiled step on position `pos`'s batch; (metrics as floats, tokens in the batch)."""
-    batch = step_batch(run, pos)
+def next_position(run: Run) -> int:
+    """The next data position to train on (positions a rollback skipped are passed over)."""
+    pos = _following(run, run.host["position"] - 1)
+    run.host["position"] = pos + 1
+    return pos
+
+
+def _following(run: Run, pos: int) -> int:
+    pos += 1
+    while run.rollback.should_skip(pos):
+        pos += 1
+    return pos
+
+
+def dispatch(run: Run, pos: int) -> Pending:
+    """Start the compiled step on position `pos`'s batch; returns without waiting for the device."""
+    batch = run.prefetch.get(pos) if run.prefetch is not None else step_batch(run, pos)
     if run.hooks.before_step is not None:
         run.state = run.hooks.before_step(pos, run.state)
     run.state, metrics = run.placement.run(run.state, run.teacher_params, {k: jnp.asarray(v) for k, v in batch.items()},
                                            jax.random.fold_in(jax.random.key(run.config.seed), pos))
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}, int(np.sum(batch["attention_mask"]))
+    run.dispatched += 1
+    return Pending(pos, run.dispatched, metrics, int(np.sum(batch["attention_mask"])))
 
 
-def observe(run: Run, pos: int, metrics: dict[str, float]) -> bool:
-    """The stability check of the step just taken (number run.step). True when healthy; otherwise the run is
-    rolled back to its last snapshot with a lower lr scale and False is returned, or, past max_rollbacks,
-    stopped with a RuntimeError."""
-    step = run.step
+def one_step(run: Run, pos: int) -> tuple[dict[str, float], int]:
+    """dispatch, then wait: (metrics as floats, tokens in the batch)."""
+    p = dispatch(run, pos)
+    return {k: float(v) for k, v in jax.device_get(p.metrics).items()}, p.tokens
+
+
+def sync_point(run: Run, step: int) -> bool:
+    """Whether step `step`'s own state must reach the host (periodic work or weight norms are due)."""
+    c = run.config
+    return any(every and step % every == 0 for every in (
+        c.stability.snapshot_every, c.train.eval_every, c.train.checkpoint_every, c.train.sample_every,
+        c.stability.every_n))
+
+
+def resolve(run: Run, pending: Pending) -> bool:
+    """Read a dispatched step's metrics and act on them: observe, then record and periodic when healthy.
+    False when the step was rolled back."""
+    metrics = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
+    if not observe(run, pending.pos, metrics, pending.step):
+        return False
+    record(run, metrics, pending.tokens, pending.step)
+    periodic(run, pending.step)
+    return True
+
+
+def observe(run: Run, pos: int, metrics: dict[str, float], step: int | None = None) -> bool:
+    """The stability check of step `step` (default: the last dispatched). True when healthy; otherwise the run
+    is rolled back to its last snapshot with a lower lr scale and False is returned, or, past max_rollbacks,
+    stopped with TrainingStopped. Weight norms are read from run.state: `step` must be the latest step then
+    (sync_point makes it so)."""
+    step = run.dispatched if step is None else step
     norms = None
     if run.monitor.wants_norms(step):
         norms = jax.device_get(stability.group_norms(run.state.params))
@@ -238,6 +303,7 @@ def observe(run: Run, pos: int, metrics: dict[str, float]) -> bool:
     snap_step, snap_state, snap_meta = run.snapshots.latest(target=run.state)
     state = snap_state.replace(lr_scale=jnp.asarray(decision.lr_scale, jnp.float32))
     run.state, _ = run.placement.to_device(state, None)
+    run.dispatched = snap_step
     run.host["position"] = snap_meta["position"]
     run.host["history"] = snap_meta["history"]
     run.monitor.load_state_dict(snap_meta["monitor"])
@@ -247,9 +313,9 @@ def observe(run: Run, pos: int, metrics: dict[str, float]) -> bool:
     return False
 
 
-def record(run: Run, metrics: dict[str, float], tokens: int) -> None:
+def record(run: Run, metrics: dict[str, float], tokens: int, step: int | None = None) -> None:
     """A healthy step's history, token count, last metrics and progress / TensorBoard line."""
-    step = run.step
+    step = run.dispatched if step is None else step
     run.host["tokens"] += tokens
     run.host["history"].append({"step": step, "loss": metrics["loss"]})
     run.host["last_metrics"] = metrics
@@ -275,37 +341,35 @@ def heldout_loss(run: Run) -> float | None:
     return float(np.mean(vals))
 
 
-def periodic(run: Run) -> None:
-    """What falls due after a healthy step: stability snapshot, held-out loss (and best checkpoint), periodic
-    checkpoint, sample completions."""
-    c, step = run.config, run.step
-    host_state = run.state
+def periodic(run: Run, step: int | None = None) -> None:
+    """What falls due after a healthy step (run.state must be that step's): stability snapshot, held-out loss
+    (and best checkpoint), periodic checkpoint (Orbax writes it in the background; the audit log records it
+    once committed), sample completions."""
+    c, step, state = run.config, run.dispatched if step is None else step, run.state
     if step % c.stability.snapshot_every == 0:
-        run.snapshots.save(step, host_state, run.meta())
+        run.snapshots.save(step, state, run.meta())
     if c.train.eval_every and step % c.train.eval_every == 0:
         value = heldout_loss(run)
         if value is not None:
             run.host["eval"].append({"step": step, "heldout_loss": value})
             run.logger.scalars(step, {"eval/heldout_loss": value})
             run.log.append(audit.EVAL, step=step, heldout_loss=value)
-            run.ckpt.save_best(step, host_state, run.meta(), value)
+            run.ckpt.save_best(step, state, run.meta(), value)
     if step % c.train.checkpoint_every == 0 or step == run.steps:
-        run.ckpt.save(step, host_state, run.meta())
-        run.ckpt.wait()
-        run.log.append(audit.CHECKPOINT, step=step, digest=audit.tree_digest(host_state.params))
+        _log_saved_checkpoint(run)  # waits for the previous save
+        run.ckpt.save(step, state, run.meta())
+        run.unlogged_checkpoint = {"step": step, "digest": audit.tree_digest(state.params)}
     if c.train.sample_every and step % c.train.sample_every == 0 and run.heldout_rows:
-        run.logger.samples(step, samples(run.student.config, host_state.params["student"], run.teacher.tokenizer,
+        run.logger.samples(step, outputs.samples(run.student.config, state.params["student"], run.teacher.tokenizer,
                                          run.heldout_rows[:2], run.policy))
 
 
-def samples(cfg, params, tokenizer, rows, policy: PolicyConfig) -> list[tuple[str, str]]:
-    """(prompt as JSON, greedy completion) of a few rows, for TensorBoard."""
-    prompts = [encode_prompt(tokenizer, data.messages_for(r)) for r in rows]
-    ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)), policy.pad_id)
-    fn = make_sample_fn(cfg, min(policy.max_new_tokens, 48), GREEDY, policy.eos_ids, policy.pad_id)
-    out = jax.device_get(fn(params, jnp.asarray(ids), jnp.asarray(mask), None))
-    texts = [tokenizer.decode(t[: n], skip_special_tokens=True) for t, n in zip(out.tokens_BxN, out.lengths_B)]
-    return [(json.dumps(data.messages_for(r), ensure_ascii=False), t) for r, t in zip(rows, texts)]
+def _log_saved_checkpoint(run: Run) -> None:
+    """Wait for the pending periodic save and record it in the audit log (only committed checkpoints are)."""
+    if run.unlogged_checkpoint is not None:
+        run.ckpt.wait()
+        run.log.append(audit.CHECKPOINT, **run.unlogged_checkpoint)
+        run.unlogged_checkpoint = None
 
 
 # ------------------------------------------------------------------------------------------------ finish
@@ -315,6 +379,8 @@ def finish(run: Run) -> dict:
     """Final checkpoint, the folded student in student/, held-out loss, results JSON and model card, then
     export and evaluation (_outputs); the audit log's run_end."""
     final = run.state
+    run.prefetch.close()
+    _log_saved_checkpoint(run)
     run.ckpt.save_final(final, run.meta())
     run.ckpt.close()
     run.snapshots.close()
@@ -327,30 +393,8 @@ def finish(run: Run) -> dict:
                             heldout_after, run.resumed_from, run.rollback, run.vocab_note)
     write_json(run.run_dir / "distillation_results.json", results)  # evaluate_run reads the run's config from it
     run.logger.close()
-    results = _outputs(run.config, run.run_dir, results, run.log)
+    results = outputs.export_and_evaluate(run.config, run.run_dir, results, run.log)
     run.log.append(audit.RUN_END, status="finished", step=int(final.step), digest=audit.tree_digest(final.params),
                    heldout_loss=heldout_after)
     run.log.close()
-    return results
-
-
-def _outputs(config, run_dir: pathlib.Path, results: dict, log: audit.AuditLog) -> dict:
-    """Export (HF + GGUF) and the teacher / before / after evaluation, recorded in the results, model card
-    and audit log. A failure here is recorded and reported, never allowed to lose the trained student."""
-    formats = [f for f in config.export.formats if f]
-    if formats:
-        try:
-            paths = export(run_dir / "student", run_dir / "export", formats, config.export.gguf_type)
-            results["export"] = {k: str(v) for k, v in paths.items()}
-            log.append(audit.EXPORT, **results["export"])
-        except (NotImplementedError, ValueError, OSError) as e:
-            results["export"] = {"error": f"{type(e).__name__}: {e}"}
-            log.append(audit.EXPORT, error=results["export"]["error"])
-    if config.eval.at_end and config.data.heldout_fraction > 0:
-        ev = evaluate_run(run_dir, n_rows=config.eval.rows or None)
-        results["evaluation"].update(models=ev["models"], samples=ev["samples"], table=format_table(ev))
-        log.append(audit.EVAL, **{name: {k: m[k] for k in ("kl", "top1", "ppl", "greedy_match")}
-                                  for name, m in ev["models"].items()})
-    write_json(run_dir / "distillation_results.json", results)
-    write_text(run_dir / "README.md", model_card(results, config))
     return results

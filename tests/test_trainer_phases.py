@@ -9,6 +9,7 @@ from fixtures import make_hf_model, write_gguf
 from test_trainer import tiny_config
 
 from so8t_jax import audit, data
+from so8t_jax.checkpoint import Checkpointer
 from so8t_jax import trainer as tr
 
 
@@ -51,18 +52,19 @@ def test_one_step_runs_the_position_batch(tiny_teacher, tmp_path):
 
 def test_observe_accepts_a_healthy_step_and_rolls_back_a_nan_one(tiny_teacher, tmp_path):
     run = tr.setup(_config(tiny_teacher, tmp_path))
+    assert tr.next_position(run) == 0
     metrics, _ = tr.one_step(run, 0)
-    run.host["position"] = 1
     assert tr.observe(run, 0, metrics)
     tr.record(run, metrics, 10)
+    assert tr.next_position(run) == 1
     assert run.host["history"] == [{"step": 1, "loss": metrics["loss"]}] and run.host["tokens"] == 10
-    run.host["position"] = 2
     tr.one_step(run, 1)
     bad = dict(metrics, loss=float("nan"), grad_norm=float("nan"))
     assert not tr.observe(run, 1, bad)
     # back at the step-0 snapshot, with the lr scale halved and the offending position to be skipped
     assert run.step == 0 and run.host["position"] == 0 and float(run.state.lr_scale) == 0.5
     assert run.host["history"] == [] and run.rollback.should_skip(1)
+    assert [tr.next_position(run) for _ in range(2)] == [0, 2]  # the bad batch is skipped from now on
     assert [e["kind"] for e in audit.show(run.run_dir)][-2:] == ["anomaly", "rollback"]
     run.logger.close()
 
@@ -74,11 +76,40 @@ def test_periodic_checkpoints_and_snapshots_when_due(tiny_teacher, tmp_path):
         metrics, tokens = tr.one_step(run, pos)
         tr.record(run, metrics, tokens)
         tr.periodic(run)
-    assert run.ckpt.latest_step() == 2 and run.snapshots.latest(target=run.state)[0] == 2
+    assert run.snapshots.latest(target=run.state)[0] == 2
     assert len(run.host["eval"]) == 1 and math.isfinite(run.host["eval"][0]["heldout_loss"])
     assert run.host["eval"][0]["heldout_loss"] == pytest.approx(tr.heldout_loss(run), rel=1e-6)
+    # the periodic save is written in the background and audited only once Orbax has committed it
+    assert [e["kind"] for e in audit.show(run.run_dir)][-1] == "eval" and run.unlogged_checkpoint["step"] == 2
+    tr.close(run)
+    assert run.ckpt.latest_step() == 2
     assert [e["kind"] for e in audit.show(run.run_dir)][-2:] == ["eval", "checkpoint"]
-    run.logger.close()
+
+
+def test_async_loop_equals_the_synchronous_phases(tiny_teacher, tmp_path):
+    """train() (step N+1 dispatched before step N is read, batches prefetched, saves in the background) ends
+    exactly where one-step-at-a-time phases end: same losses, same parameters, same checkpoints."""
+    kw = {"train.steps": 5, "train.checkpoint_every": 2, "stability.snapshot_every": 4, "stability.every_n": 3}
+    results = tr.train(_config(tiny_teacher, tmp_path / "async", **kw))
+    run = tr.setup(_config(tiny_teacher, tmp_path / "sync", **kw))
+    while run.step < run.steps:
+        pos = tr.next_position(run)
+        metrics, tokens = tr.one_step(run, pos)
+        assert tr.observe(run, pos, metrics)
+        tr.record(run, metrics, tokens)
+        tr.periodic(run)
+    sync = tr.finish(run)
+    assert results["loss"] == sync["loss"]
+    assert results["final_metrics"] == sync["final_metrics"]
+    ckpts = {}
+    for name in ("async", "sync"):
+        ck = Checkpointer(tmp_path / name / "smoke/orbax")
+        assert ck.all_steps() == [2, 4, 5]
+        ckpts[name] = [ck.restore(step)[0] for step in (2, 4, 5)] + [ck.restore(kind="final")[0]]
+        ck.close()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ckpts["async"], ckpts["sync"])
+    kinds = [e["kind"] for e in audit.show(tmp_path / "async/smoke")]
+    assert kinds.count("checkpoint") == 3 and kinds[-1] == "run_end" and audit.verify(tmp_path / "async/smoke").ok
 
 
 def test_finish_writes_student_and_results(tiny_teacher, tmp_path):

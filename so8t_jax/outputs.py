@@ -1,0 +1,50 @@
+"""What a run shows and leaves besides its checkpoints: sample completions for TensorBoard, and at the end
+the exports (HF folder, GGUF) and the teacher / before / after evaluation, recorded in the results, the
+model card and the audit log."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from so8t_jax import audit, data
+from so8t_jax.completions import PolicyConfig
+from so8t_jax.evaluate import evaluate_run, format_table
+from so8t_jax.loading import encode_prompt
+from so8t_jax.runs import model_card, write_json, write_text
+from so8t_jax.sampling import GREEDY, bucket_length, left_pad, make_sample_fn
+from so8t_jax.weights.export import export
+
+
+def samples(cfg, params, tokenizer, rows, policy: PolicyConfig) -> list[tuple[str, str]]:
+    """(prompt as JSON, greedy completion) of a few rows, for TensorBoard."""
+    prompts = [encode_prompt(tokenizer, data.messages_for(r)) for r in rows]
+    ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)), policy.pad_id)
+    fn = make_sample_fn(cfg, min(policy.max_new_tokens, 48), GREEDY, policy.eos_ids, policy.pad_id)
+    out = jax.device_get(fn(params, jnp.asarray(ids), jnp.asarray(mask), None))
+    texts = [tokenizer.decode(t[: n], skip_special_tokens=True) for t, n in zip(out.tokens_BxN, out.lengths_B)]
+    return [(json.dumps(data.messages_for(r), ensure_ascii=False), t) for r, t in zip(rows, texts)]
+
+
+def export_and_evaluate(config, run_dir: pathlib.Path, results: dict, log: audit.AuditLog) -> dict:
+    """Export (HF + GGUF) and the teacher / before / after evaluation, recorded in the results, model card
+    and audit log. A failure here is recorded and reported, never allowed to lose the trained student."""
+    formats = [f for f in config.export.formats if f]
+    if formats:
+        try:
+            paths = export(run_dir / "student", run_dir / "export", formats, config.export.gguf_type)
+            results["export"] = {k: str(v) for k, v in paths.items()}
+            log.append(audit.EXPORT, **results["export"])
+        except (NotImplementedError, ValueError, OSError) as e:
+            results["export"] = {"error": f"{type(e).__name__}: {e}"}
+            log.append(audit.EXPORT, error=results["export"]["error"])
+    if config.eval.at_end and config.data.heldout_fraction > 0:
+        ev = evaluate_run(run_dir, n_rows=config.eval.rows or None)
+        results["evaluation"].update(models=ev["models"], samples=ev["samples"], table=format_table(ev))
+        log.append(audit.EVAL, **{name: {k: m[k] for k in ("kl", "top1", "ppl", "greedy_match")}
+                                  for name, m in ev["models"].items()})
+    write_json(run_dir / "distillation_results.json", results)
+    write_text(run_dir / "README.md", model_card(results, config))
+    return results
