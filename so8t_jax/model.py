@@ -14,6 +14,12 @@ the layers are stacked on a leading Y axis and scanned, so compile time does not
             attn_gate, mlp_gate [Y, Z, 28]  + so8t_alpha [] at the top level     (SO(8) gates, so8t.py)
 
 Norm weights are stored as the effective multiplier (gemma's 1 + w is folded in at import).
+
+Attention: a forward without a cache (training, scoring) and a prefill into a cache go through
+jax.nn.dot_product_attention with a boolean mask (causal by position, padding keys out, gemma3's sliding window on
+its sliding layers), cuDNN flash attention where it applies (attention_implementation), XLA elsewhere. A decode step
+(one new token against a cache) reads the layer's cached keys / values in place plus its own (_attend_decode), and
+only its slot of the cache is written, once, after the layer scan.
 """
 from __future__ import annotations
 
@@ -27,7 +33,13 @@ from so8t_jax import so8t
 from so8t_jax.config import ModelConfig, set_path
 
 Params = dict[str, Any]
-_NEG = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax instead of NaN
+_NEG = -1e30  # a masked score in the decode attention (finite: no inf arithmetic; every row sees a key)
+REMAT_MODES = ("none", "dots", "full")  # train.remat
+# "dots": keep the outputs of matmuls without batch dimensions (the q / k / v / o and MLP projections), recompute
+# the rest, attention scores [B, K, G, T, S] included: the projections are where the FLOPs are, the scores are
+# where the memory is (jax.checkpoint_dots would keep those too). "full": keep only each layer's input.
+_REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                   "full": jax.checkpoint_policies.nothing_saveable}
 
 
 class KVCache(NamedTuple):
@@ -102,20 +114,79 @@ def apply_rope(x_BxTx_xH, cos_BxTx2R, sin_BxTx2R):
     return jnp.concatenate([out, x_pass], axis=-1) if rd < x_BxTx_xH.shape[-1] else out
 
 
-def _attend(cfg, q_BxTxQxH, k_BxSxKxH, v_BxSxKxH, bias_BxTxS):
+def _cudnn_head_dim_max() -> int:
+    """The largest head dim cuDNN flash attention takes on this machine's first device: 0 off CUDA GPUs, 128
+    before Hopper, 256 from Hopper on (jax's check_is_flash_attention)."""
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in getattr(device.client, "platform_version", "").lower():
+        return 0
+    major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+    return 256 if major >= 9 else 128
+
+
+def attention_implementation(q_BxTxQxH, k_BxSxKxH) -> str:
+    """"cudnn" (cuDNN flash attention) where it applies: a CUDA GPU, bf16 / fp16, head dim a multiple of 8 up
+    to the device's limit, even query and key lengths (cuDNN's condition for a mask in training); else "xla"
+    (jax's einsum-softmax-einsum, every dtype and device)."""
+    h, t, s = q_BxTxQxH.shape[-1], q_BxTxQxH.shape[1], k_BxSxKxH.shape[1]
+    if (q_BxTxQxH.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and t % 2 == 0 and s % 2 == 0
+            and h <= _cudnn_head_dim_max()):
+        return "cudnn"
+    return "xla"
+
+
+def _open_unseen(q_BxTxQxH, mask_BxTxS):
+    """A query row that sees no key (a row of padding only) attends uniformly to every key, as it did under the
+    former additive -1e30 bias: its mask row is opened and its query zeroed, so all its scores are 0. No
+    implementation then meets a fully masked row (no NaN)."""
+    seen_BxT = jnp.any(mask_BxTxS, axis=-1)
+    return (jnp.where(seen_BxT[:, :, None, None], q_BxTxQxH, jnp.zeros((), q_BxTxQxH.dtype)),
+            mask_BxTxS | ~seen_BxT[:, :, None])
+
+
+def attend(cfg: ModelConfig, q_BxTxQxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, *, causal: bool = False,
+           implementation: str | None = None):
+    """Masked attention [B, T, Q, H] through jax.nn.dot_product_attention (GQA: K divides Q; softmax scale
+    cfg.scale; softmax in float32). mask_BxTxS: True where a query sees a key. causal=True promises that no
+    valid query slot sees a key slot past its own (a forward without a cache): cuDNN then skips the blocks above
+    the diagonal (padding query rows can then differ from XLA's, which keeps the mask alone; valid rows never
+    read them). implementation: None picks attention_implementation()."""
+    k_BxSxKxH, v_BxSxKxH = k_BxSxKxH.astype(q_BxTxQxH.dtype), v_BxSxKxH.astype(q_BxTxQxH.dtype)
+    implementation = implementation or attention_implementation(q_BxTxQxH, k_BxSxKxH)
+    q_BxTxQxH, mask_BxTxS = _open_unseen(q_BxTxQxH, mask_BxTxS)
+    return jax.nn.dot_product_attention(q_BxTxQxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None],
+                                        scale=cfg.scale, is_causal=causal and implementation == "cudnn",
+                                        implementation=implementation)
+
+
+def _attend_decode(cfg: ModelConfig, q_BxTxQxH, k_cache_BxSxKxH, v_cache_BxSxKxH, k_BxTxKxH, v_BxTxKxH,
+                   mask_BxTx_):
+    """Attention of new queries to the cache's slots then to the new tokens themselves (mask_BxTx_: [B, T,
+    S + T], the slots the new tokens will overwrite already masked out), without writing the new keys into a
+    copy of the cache: a decode step reads each layer's cache in place, once. The same einsums and float32
+    softmax as attend's XLA path."""
     b, t, q_heads, h = q_BxTxQxH.shape
-    k_heads = k_BxSxKxH.shape[2]
+    k_heads, s = k_cache_BxSxKxH.shape[2], k_cache_BxSxKxH.shape[1]
+    q_BxTxQxH, mask_BxTx_ = _open_unseen(q_BxTxQxH, mask_BxTx_)
     q_BxTxKxGxH = q_BxTxQxH.reshape(b, t, k_heads, q_heads // k_heads, h)
-    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
-                                  preferred_element_type=jnp.float32) * cfg.scale
-    scores_BxKxGxTxS = scores_BxKxGxTxS + bias_BxTxS[:, None, None]
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
+    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_cache_BxSxKxH.astype(q_BxTxQxH.dtype),
+                                  preferred_element_type=jnp.float32)
+    # lowercase t: the new tokens as keys
+    new_scores_BxKxGxTxT = jnp.einsum("BTKGH,BtKH->BKGTt", q_BxTxKxGxH, k_BxTxKxH.astype(q_BxTxQxH.dtype),
+                                      preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([scores_BxKxGxTxS, new_scores_BxKxGxTxT], axis=-1) * cfg.scale
+    scores = jnp.where(mask_BxTx_[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxQxH.dtype)
+    out_BxTxKxGxH = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s], v_cache_BxSxKxH.astype(q_BxTxQxH.dtype))
+                     + jnp.einsum("BKGTt,BtKH->BTKGH", probs[..., s:], v_BxTxKxH.astype(q_BxTxQxH.dtype)))
     return out_BxTxKxGxH.reshape(b, t, q_heads, h)
 
 
-def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, biases, cache_kv, alpha=None):
-    """One decoder block. cache_kv: (k, v, index) for this layer or None. Returns (x, (k, v)).
+def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, masks, layer_cache, index,
+           alpha=None):
+    """One decoder block. layer_cache: this layer's (k, v) [B, S, K, H] cache, read only, or None; the new
+    tokens go to slots index.. (forward writes them after the scan). Returns (x, (k, v) of the new tokens,
+    in the cache's dtype when there is a cache).
 
     SO(8) gates (when p holds them) act on the o / down projection's output, before any post-norm, so
     so8t.fold_gates can fold them into o and down exactly.
@@ -134,12 +205,17 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, bi
         cos = jnp.where(is_sliding, rope_local[0], cos)
         sin = jnp.where(is_sliding, rope_local[1], sin)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache_kv is not None:
-        k_cache, v_cache, index = cache_kv
-        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-    bias = jnp.where(is_sliding, biases[1], biases[0]) if biases[1] is not None else biases[0]
-    attn = _attend(cfg, q, k.astype(q.dtype), v.astype(q.dtype), bias)
+    mask = masks[0] if masks[1] is None else jnp.where(is_sliding, masks[1], masks[0])
+    if layer_cache is None:
+        attn = attend(cfg, q, k, v, mask, causal=True)
+    else:
+        k_cache, v_cache = layer_cache
+        k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)  # attention sees what the cache holds
+        if x_BxTxD.shape[1] == 1:
+            attn = _attend_decode(cfg, q, k_cache, v_cache, k, v, mask)
+        else:
+            attn = attend(cfg, q, jax.lax.dynamic_update_slice_in_dim(k_cache, k, index, axis=1),
+                          jax.lax.dynamic_update_slice_in_dim(v_cache, v, index, axis=1), mask)
     attn_BxTxD = jnp.einsum("BTQH,QHD->BTD", attn, p["o"])
     if "attn_gate" in p:
         attn_BxTxD = so8t.apply_gate(attn_BxTxD, p["attn_gate"], alpha)
@@ -157,14 +233,14 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, bi
     return x_BxTxD + mlp_BxTxD, (k, v)
 
 
-def _mask_biases(cfg, q_pos_BxT, k_pos_BxS, k_valid_BxS):
-    """Additive attention biases [B, T, S]: (full, sliding or None)."""
+def attention_masks(cfg: ModelConfig, q_pos_BxT, k_pos_BxS, k_valid_BxS):
+    """Boolean attention masks [B, T, S], True where a query sees a key: (full, sliding or None). A query sees
+    the valid keys at positions up to its own; on sliding layers only those less than sliding_window back."""
     visible = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]) & k_valid_BxS[:, None, :]
-    full = jnp.where(visible, 0.0, _NEG).astype(jnp.float32)
     if not any(cfg.is_sliding) or cfg.sliding_window is None:
-        return full, None
+        return visible, None
     near = (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < cfg.sliding_window
-    return full, jnp.where(visible & near, 0.0, _NEG).astype(jnp.float32)
+    return visible, visible & near
 
 
 def embed(params: Params, cfg: ModelConfig, tokens_BxT):
@@ -179,15 +255,29 @@ def lm_head(params: Params, cfg: ModelConfig):
     return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 
+def remat_policy(remat: str | bool):
+    """The jax.checkpoint policy of a train.remat mode, None for "none" (no checkpoint). False / True mean
+    "none" / "full"."""
+    mode = ("full" if remat else "none") if isinstance(remat, bool) else remat
+    if mode not in REMAT_MODES:
+        raise ValueError(f"train.remat must be one of {REMAT_MODES}, got {remat!r}")
+    return _REMAT_POLICIES[mode]
+
+
 def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None, mask_BxT=None,
             cache: KVCache | None = None, output_hidden: bool = False, logits: bool = True,
-            remat: bool = False) -> Output:
+            remat: str | bool = "none") -> Output:
     """Run the decoder.
 
     positions_BxT: token positions (default 0..T-1, or cumsum(mask)-1 when a mask is given, which suits
-    left padding). mask_BxT: valid tokens (padding keys are never attended to). With a cache the new tokens
-    are written at cache.index and attend to everything cached before them.
+    left padding; without a cache they must increase along a row's valid tokens, as cuDNN's causal attention
+    assumes). mask_BxT: valid tokens (padding keys are never attended to). With a cache the new tokens
+    are written at cache.index and attend to everything cached before them; a single new token (decode)
+    reads the cache once and only its own slot is written. remat: the layer scan's rematerialisation,
+    "none" | "dots" (keep the projections' matmul outputs, recompute the rest) | "full" (keep nothing but
+    each layer's input); False / True mean "none" / "full".
     """
+    policy = remat_policy(remat)
     b, t = tokens_BxT.shape
     valid_BxT = jnp.ones((b, t), bool) if mask_BxT is None else mask_BxT.astype(bool)
     if positions_BxT is None:
@@ -195,30 +285,37 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
         positions_BxT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t)) if mask_BxT is None \
             else jnp.maximum(jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1, 0)
     positions_BxT = positions_BxT.astype(jnp.int32)
-    if cache is not None:
+    decode = cache is not None and t == 1
+    if cache is None:
+        k_pos, k_valid = positions_BxT, valid_BxT
+    else:
         slot_pos = jnp.where(valid_BxT, positions_BxT, -1)
         pos_BxS = jax.lax.dynamic_update_slice_in_dim(cache.pos_BxS, slot_pos, cache.index, axis=1)
-        k_pos, k_valid = pos_BxS, pos_BxS >= 0
-    else:
-        k_pos, k_valid = positions_BxT, valid_BxT
-    biases = _mask_biases(cfg, positions_BxT, k_pos, k_valid)
+        k_pos = pos_BxS
+        if decode:  # keys: the cache's slots (less those being overwritten), then the new token
+            slots_S = jnp.arange(cache.pos_BxS.shape[1])
+            overwritten_S = (slots_S >= cache.index) & (slots_S < cache.index + t)
+            k_pos = jnp.concatenate([jnp.where(overwritten_S, -1, cache.pos_BxS), slot_pos], axis=1)
+        k_valid = k_pos >= 0
+    masks = attention_masks(cfg, positions_BxT, k_pos, k_valid)
     context_len = None if cache is None else cache.pos_BxS.shape[1]
     rope_global = rope_tables(cfg, positions_BxT, context_len=context_len)
     rope_local = rope_tables(cfg, positions_BxT, local=True) if cfg.rope_local_theta is not None else None
     sliding_Y = jnp.asarray(cfg.is_sliding)
+    index = None if cache is None else cache.index
     # the gates' alpha is set by the trainer from its schedule, never trained: no gradient flows to it
     alpha = jax.lax.stop_gradient(params["so8t_alpha"]) if so8t.has_gates(params) else None
 
     def body(x, xs):
         p, is_sliding, layer_cache = xs
-        cache_kv = None if layer_cache is None else (*layer_cache, cache.index)
-        x, kv = _layer(cfg, x, p, rope_global, rope_local, is_sliding, biases, cache_kv, alpha)
+        x, kv = _layer(cfg, x, p, rope_global, rope_local, is_sliding, masks, layer_cache, index, alpha)
         return x, (x if output_hidden else None, kv if cache is not None else None)
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
     layer_caches = None if cache is None else (cache.k_YxBxSxKxH, cache.v_YxBxSxKxH)
     x = embed(params, cfg, tokens_BxT)
+    # a decode step scans too: unrolling it measured 2x slower on CPU and made XLA copy the whole cache
     x, (hiddens, kvs) = jax.lax.scan(body, x, (params["layers"], sliding_Y, layer_caches))
     hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
     out_logits = None
@@ -226,8 +323,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
         out_logits = jnp.einsum("BTD,DV->BTV", hidden, lm_head(params, cfg),
                                 preferred_element_type=jnp.float32)
     new_cache = None
-    if cache is not None:
-        new_cache = KVCache(kvs[0], kvs[1], pos_BxS, cache.index + t)
+    if cache is not None:  # the new tokens' keys / values of every layer [Y, B, T, K, H] into their slots
+        new_cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, new, cache.index, axis=2)
+                              for c, new in zip(layer_caches, kvs)), pos_BxS, cache.index + t)
     return Output(out_logits, hidden, hiddens, new_cache)
 
 

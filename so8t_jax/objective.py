@@ -15,13 +15,13 @@ import jax.numpy as jnp
 
 from so8t_jax import losses, so8t
 from so8t_jax import model as model_lib
+from so8t_jax.model import REMAT_MODES
 from so8t_jax.config import ModelConfig
 from so8t_jax.conventions import IGNORE_INDEX
 from so8t_jax.defaults import DEFAULTS
 
 _D = DEFAULTS.loss
 COMPUTE_DTYPES = ("float32", "bfloat16")
-REMAT_MODES = ("none", "dots", "full")
 
 
 def in_compute_dtype(params, dtype: str):

@@ -1,4 +1,5 @@
-"""Generation: one prefill forward into a preallocated KV cache, then a `lax.while_loop` decode.
+"""Generation: one prefill forward into a preallocated KV cache, then a `lax.while_loop` decode (each step reads the
+cache in place and writes only its token's slot: model.forward's decode path).
 
 Token selection is a frozen (hashable, so jit-static) `Sampler(temperature, top_k, top_p, min_p)` built from
 three standalone pure filters that set excluded logits to -inf. The order is transformers': temperature,

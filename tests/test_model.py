@@ -1,6 +1,8 @@
-"""The decoder against transformers (PyTorch CPU, fp32) on tiny random HF folders of every family."""
+"""The decoder against transformers (PyTorch CPU, fp32) on tiny random HF folders of every family; the
+layer scan's rematerialisation modes."""
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,49 @@ def test_unsupported_hf_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(so8t_jax.WeightsError, match="unsupported architecture.*gpt2"):
         so8t_jax.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rematerialisation (train.remat)
+
+
+def _remat_loss(params, cfg, tokens, mask, remat):
+    return jnp.mean(model_lib.forward(params, cfg, tokens, mask_BxT=mask, remat=remat).logits ** 2)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full", True, False])
+def test_remat_modes_match_none(folders, remat):
+    """gemma3 (sliding layers, qk norms, post norms), left-padded: loss and every gradient as without remat."""
+    m = so8t_jax.load(folders["gemma3"])
+    tokens = jnp.asarray(_tokens(2, 13, m.config.vocab_size, seed=4))
+    mask = jnp.asarray((np.arange(13)[None] >= np.array([[0], [5]])).astype(np.int32))
+    grad = jax.jit(jax.value_and_grad(_remat_loss), static_argnums=(1, 4))
+    ref_loss, ref_grads = grad(m.params, m.config, tokens, mask, "none")
+    loss, grads = grad(m.params, m.config, tokens, mask, remat)
+    chex.assert_trees_all_close((loss, grads), (ref_loss, ref_grads), atol=1e-6, rtol=1e-6)
+    assert float(ref_loss) > 0 and max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref_grads)) > 0
+
+
+def test_remat_saves_memory():
+    """Compiled value_and_grad of a small llama (4 layers, T=128): temp memory none > dots > full (measured, CPU:
+    about 55, 22 and 15 MB; "dots" recomputes the attention scores, which dominate here)."""
+    cfg = ModelConfig(family="llama", vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                      ffn_dim=512)
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+    tokens, mask = jnp.zeros((4, 128), jnp.int32), jnp.ones((4, 128), jnp.int32)
+    temp = {}
+    for remat in ("none", "dots", "full"):
+        compiled = jax.jit(jax.value_and_grad(_remat_loss), static_argnums=(1, 4)).lower(
+            params, cfg, tokens, mask, remat).compile()
+        temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    print({k: f"{v / 1e6:.1f} MB" for k, v in temp.items()})
+    assert temp["full"] < temp["dots"] < temp["none"]
+
+
+def test_remat_rejects_unknown_modes():
+    cfg = ModelConfig.smollm2_135m()
+    params = jax.eval_shape(lambda k: model_lib.init_params(cfg, k), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"train\.remat must be one of \('none', 'dots', 'full'\), got 'all'"):
+        model_lib.forward(params, cfg, jnp.zeros((1, 4), jnp.int32), remat="all")
+    assert model_lib.remat_policy(False) is None and model_lib.remat_policy("none") is None
+    assert model_lib.remat_policy(True) is model_lib.remat_policy("full") is jax.checkpoint_policies.nothing_saveable
