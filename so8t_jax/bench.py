@@ -1,15 +1,22 @@
 """Benchmark bodies for scripts/bench.py. Each yields JSON-ready dicts; nothing here is a test."""
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from so8t_jax import completions, objective, optim, so8t, train_step
+from so8t_jax import completions, objective, optim, placement, so8t, train_step
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 from so8t_jax.loading import as_dtype, load, smollm2_gguf
@@ -165,5 +172,190 @@ def bench_so8t_step(args):
         yield {"bench": "so8t_step", "variant": name, **_time_step(args, step, state, teacher, batch)}
 
 
+# ------------------------------------------------------------------ compare: TRL's GKDTrainer step against ours
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+_COMPARE_FLAGS = ("teacher_preset", "teacher_layers", "student_preset", "student_layers", "vocab", "batch",
+                  "prompt_len", "new", "dtype", "repeats")
+FRAMEWORKS = ("trl", "so8t_jax")
+_LMBDAS = (0.0, 1.0)
+# What both sides share: GKDConfig's defaults (JSD beta, sampling temperature; top-k 0, top-p 1 and loss
+# temperature 1 are both sides' defaults), AdamW with one schedule, clipping at 1, no EOS (all --new tokens made).
+_GKD = dict(beta=0.5, temperature=0.9)
+_OPTIM = dict(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0, warmup_steps=10)
+_STEPS = 100  # the cosine schedule's length (its shape costs nothing)
+_OUR_NAMES = {"input_ids": "input_ids", "attention_mask": "attention_mask", "labels": "labels",
+              "prompt_ids": "prompts", "prompt_mask": "prompt_attention_mask"}  # ours: TRL's collator's
+
+
+def compare_configs(args) -> tuple[ModelConfig, ModelConfig]:
+    """(teacher, student) of compare: --teacher-preset (cut to --teacher-layers when > 0) and --student-preset, or
+    with none the teacher's shape cut to --student-layers; both on the shorter vocabulary, as the trainer's
+    reconcile_vocab does (Qwen2-7B pads its embeddings to 152064 rows, Qwen2-0.5B to 151936; GKD needs one), or
+    on --vocab rows when > 0 (quick smoke runs)."""
+    t_cfg = ModelConfig.preset(args.teacher_preset)
+    t_cfg = t_cfg.replace(n_layers=args.teacher_layers) if args.teacher_layers else t_cfg
+    s_cfg = ModelConfig.preset(args.student_preset) if args.student_preset else \
+        t_cfg.replace(n_layers=args.student_layers)
+    vocab = args.vocab or min(t_cfg.vocab_size, s_cfg.vocab_size)
+    return t_cfg.replace(vocab_size=vocab), s_cfg.replace(vocab_size=vocab)
+
+
+def compare_batch(args, vocab: int) -> dict[str, np.ndarray]:
+    """The same batch for both frameworks, in the names of TRL's GKD collator: --prompt-len prompt and --new
+    completion tokens per row (seeded random ids), labels -100 on the prompt."""
+    p = args.prompt_len
+    ids = np.random.default_rng(0).integers(3, vocab, (args.batch, p + args.new), dtype=np.int64)
+    labels = np.where(np.arange(ids.shape[1]) >= p, ids, -100)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels, "prompts": ids[:, :p],
+            "prompt_attention_mask": np.ones_like(ids[:, :p])}
+
+
+def _memory(device_peak: int | None, kind: str) -> dict:
+    """The device allocator's peak where there is one (GPU), else the process's peak RSS (CPU)."""
+    if device_peak:
+        return {"peak_memory_bytes": int(device_peak), "memory_kind": kind}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "memory_kind": "process peak RSS"}
+
+
+def _ours_step(args, lmbda: float):
+    """(run, compiled): our step as the trainer runs it (make_step under placement.jit_step: jit, state donated),
+    compiled once; run() takes one step on the compare batch and waits for it."""
+    t_cfg, s_cfg = compare_configs(args)
+    dtype = as_dtype(args.dtype)
+    teacher = model_lib.init_params(t_cfg, jax.random.key(0), dtype)
+    policy = completions.PolicyConfig(lmbda=lmbda, temperature=_GKD["temperature"], max_new_tokens=args.new)
+    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"])
+    step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim.OptimConfig(total_steps=_STEPS, **_OPTIM),
+                                           policy=policy)
+    state = [train_step.init_state(model_lib.init_params(s_cfg, jax.random.key(1), dtype), optimizer)]
+    b = compare_batch(args, s_cfg.vocab_size)
+    batch = {ours: jnp.asarray(b[theirs], jnp.int32) for ours, theirs in _OUR_NAMES.items()}
+    key = jax.random.key(3)
+    compiled = placement.jit_step(step).lower(state[0], teacher, batch, key).compile()
+
+    def run():
+        state[0], metrics = compiled(state[0], teacher, batch, key)
+        jax.block_until_ready(metrics)
+    return run, compiled
+
+
+def _ours_measure(args, lmbda: float) -> dict:
+    run, compiled = _ours_step(args, lmbda)
+    seconds = _median_time(run, args.repeats)
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return {"seconds": seconds, **_memory(peak, "jax peak_bytes_in_use"), **compiled_stats(compiled), **machine()}
+
+
+def _trl_trainer(args, lmbda: float, device: str, out_dir: str):
+    """A real GKDTrainer on randomly initialised transformers models of the compare shapes (weights in --dtype,
+    no autocast, no gradient checkpointing: the work ours does), its optimizer and scheduler created."""
+    import datasets
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:  # trl < 0.2x
+        from trl import GKDConfig, GKDTrainer
+
+    from so8t_jax.weights.export import hf_config
+
+    def build(cfg):
+        hp = hf_config(cfg)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(hp.pop("model_type"), **hp),
+                                                    dtype=getattr(torch, args.dtype))
+    torch.manual_seed(0)
+    t_cfg, s_cfg = compare_configs(args)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1},
+                                        unk_token="<unk>")), pad_token="<pad>", unk_token="<unk>")
+    config = GKDConfig(output_dir=out_dir, per_device_train_batch_size=args.batch, lmbda=lmbda, max_steps=_STEPS,
+                       max_new_tokens=args.new, lr_scheduler_type="cosine", report_to=[], save_strategy="no",
+                       use_cpu=device == "cpu", bf16=False, gradient_checkpointing=False, **_GKD, **_OPTIM)
+    trainer = GKDTrainer(model=build(s_cfg), teacher_model=build(t_cfg), args=config, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_dict({"unused": [0]}))
+    trainer.create_optimizer_and_scheduler(num_training_steps=_STEPS)
+    return trainer
+
+
+def _trl_step(trainer, batch) -> None:
+    """What GKDTrainer.train does per optimizer step of one micro-batch: count the loss tokens, training_step
+    (with probability lmbda the student generates; forward, generalized_jsd_loss, backward), clip, step, zero."""
+    samples, n_items = trainer.get_batch_samples(iter([dict(batch)]), 1, trainer.args.device)
+    trainer.training_step(trainer.model, samples[0], n_items)
+    trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.model.zero_grad()
+
+
+def _trl_measure(args, lmbda: float) -> dict:
+    import torch
+    import transformers
+    import trl
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = _trl_trainer(args, lmbda, device, out_dir)
+        batch = {k: torch.as_tensor(v, device=device) for k, v in compare_batch(args, trainer.model.vocab_size).items()}
+
+        def run():
+            _trl_step(trainer, batch)
+            if cuda:
+                torch.cuda.synchronize()
+        seconds = _median_time(run, args.repeats)
+    return {"seconds": seconds, **_memory(torch.cuda.max_memory_allocated() if cuda else None,
+                                          "torch max_memory_allocated"),
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "platform": device, "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__}
+
+
+def bench_gkd_step(args):
+    """One framework's GKD step at one lmbda (--framework, --lmbda); compare runs each in its own process."""
+    out = (_trl_measure if args.framework == "trl" else _ours_measure)(args, args.lmbda)
+    t_cfg, s_cfg = compare_configs(args)
+    tokens = args.batch * (args.prompt_len + args.new)
+    yield {"bench": "gkd_step", "framework": args.framework, "lmbda": args.lmbda, **_shapes(args),
+           "teacher_layers": t_cfg.n_layers, "student_layers": s_cfg.n_layers, "vocab": s_cfg.vocab_size,
+           "repeats": args.repeats, **out, "seconds": round(out["seconds"], 4),
+           "tokens_per_s": round(tokens / out["seconds"], 1)}
+
+
+def _shapes(args) -> dict:
+    return {"teacher": args.teacher_preset, "student": args.student_preset or args.teacher_preset,
+            "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new}
+
+
+def _run_child(args, framework: str, lmbda: float) -> dict:
+    """bench.py gkd_step in a fresh process (JAX and torch never share one: each would hold the GPU's memory);
+    the torch one keeps JAX on the CPU. Its stderr passes through; a failure raises."""
+    flags = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _COMPARE_FLAGS]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TRL_EXPERIMENTAL_SILENCE="1") if framework == "trl" else None
+    out = subprocess.run([sys.executable, str(SCRIPT), "gkd_step", f"--framework={framework}", f"--lmbda={lmbda}",
+                          *flags], env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"bench": "gkd_step"')]
+    if len(rows) != 1:
+        raise RuntimeError(f"{framework} lmbda {lmbda}: expected one gkd_step JSON line, got:\n{out}")
+    return rows[0]
+
+
+def bench_compare(args):
+    """TRL's GKDTrainer step against our compiled step at the same shapes, lmbda 0 (dataset completions) and 1
+    (the student generates --new tokens), each in its own process, one after the other; then the ratios."""
+    rows = {}
+    for framework in FRAMEWORKS:
+        for lmbda in _LMBDAS:
+            rows[framework, lmbda] = row = _run_child(args, framework, lmbda)
+            yield row
+
+    def ratio(lmbda, key):
+        return round(rows["trl", lmbda][key] / rows["so8t_jax", lmbda][key], 3)
+    yield {"bench": "compare_ratio", **_shapes(args),
+           **{f"time_trl_over_ours_lmbda_{lmbda:g}": ratio(lmbda, "seconds") for lmbda in _LMBDAS},
+           **{f"memory_trl_over_ours_lmbda_{lmbda:g}": ratio(lmbda, "peak_memory_bytes") for lmbda in _LMBDAS}}
+
+
 BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step,
-              "so8t_step": bench_so8t_step}
+              "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "compare": bench_compare}

@@ -120,6 +120,13 @@ class ModelConfig:
         return cls(**{**base, **kw})
 
     @classmethod
+    def qwen2_7b(cls, **kw) -> "ModelConfig":
+        base = dict(family="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                    head_dim=128, ffn_dim=18944, norm_eps=1e-6, rope_theta=1000000.0, attn_bias=True,
+                    tie_embeddings=False, max_seq_len=32768)
+        return cls(**{**base, **kw})
+
+    @classmethod
     def gemma3_1b(cls, **kw) -> "ModelConfig":
         n = 26
         base = dict(family="gemma3", vocab_size=262144, d_model=1152, n_layers=n, n_heads=4, n_kv_heads=1,
@@ -131,7 +138,8 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **kw) -> "ModelConfig":
-        presets = {"smollm2-135m": cls.smollm2_135m, "qwen2-0.5b": cls.qwen2_0_5b, "gemma3-1b": cls.gemma3_1b}
+        presets = {"smollm2-135m": cls.smollm2_135m, "qwen2-0.5b": cls.qwen2_0_5b, "qwen2-7b": cls.qwen2_7b,
+                   "gemma3-1b": cls.gemma3_1b}
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; known: {sorted(presets)}")
         return presets[name](**kw)
