@@ -219,14 +219,13 @@ def _memory(device_peak: int | None, kind: str) -> dict:
             "memory_kind": "process peak RSS"}
 
 
-def _ours_step(args, lmbda: float):
+def _ours_step(args, lmbda: float, loss_cfg: objective.LossConfig):
     """(run, compiled): our step as the trainer runs it (make_step under placement.jit_step: jit, state donated),
     compiled once; run() takes one step on the compare batch and waits for it."""
     t_cfg, s_cfg = compare_configs(args)
     dtype = as_dtype(args.dtype)
     teacher = model_lib.init_params(t_cfg, jax.random.key(0), dtype)
     policy = completions.PolicyConfig(lmbda=lmbda, temperature=_GKD["temperature"], max_new_tokens=args.new)
-    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"])
     step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim.OptimConfig(total_steps=_STEPS, **_OPTIM),
                                            policy=policy)
     state = [train_step.init_state(model_lib.init_params(s_cfg, jax.random.key(1), dtype), optimizer)]
@@ -242,39 +241,49 @@ def _ours_step(args, lmbda: float):
 
 
 def _ours_measure(args, lmbda: float) -> dict:
-    run, compiled = _ours_step(args, lmbda)
+    """Our step with the trainer's defaults for the loss chunk size and the student's rematerialisation (both
+    in the row), computing in --dtype as TRL's side does."""
+    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"], compute_dtype=args.dtype)
+    run, compiled = _ours_step(args, lmbda, loss_cfg)
     seconds = _median_time(run, args.repeats)
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    return {"seconds": seconds, **_memory(peak, "jax peak_bytes_in_use"), **compiled_stats(compiled), **machine()}
+    return {"seconds": seconds, **_memory(peak, "jax peak_bytes_in_use"), **compiled_stats(compiled),
+            "loss_chunk": loss_cfg.chunk_size, "remat": loss_cfg.remat, **machine()}
+
+
+def _torch_model(cfg: ModelConfig, device: str, dtype: str):
+    """A randomly initialised transformers model of cfg's shape (export's hf_config), built on device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from so8t_jax.weights.export import hf_config
+    hp = hf_config(cfg)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(hp.pop("model_type"), **hp),
+                                                dtype=getattr(torch, dtype))
 
 
 def _trl_trainer(args, lmbda: float, device: str, out_dir: str):
-    """A real GKDTrainer on randomly initialised transformers models of the compare shapes (weights in --dtype,
-    no autocast, no gradient checkpointing: the work ours does), its optimizer and scheduler created."""
+    """A real GKDTrainer on the compare shapes, its optimizer and scheduler created: weights and compute in
+    --dtype (no autocast), gradient checkpointing off (SFTConfig turns both on by default)."""
     import datasets
     import torch
     from tokenizers import Tokenizer, models
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     try:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:  # trl < 0.2x
         from trl import GKDConfig, GKDTrainer
 
-    from so8t_jax.weights.export import hf_config
-
-    def build(cfg):
-        hp = hf_config(cfg)
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(AutoConfig.for_model(hp.pop("model_type"), **hp),
-                                                    dtype=getattr(torch, args.dtype))
     torch.manual_seed(0)
     t_cfg, s_cfg = compare_configs(args)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1},
-                                        unk_token="<unk>")), pad_token="<pad>", unk_token="<unk>")
+    vocab = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))  # the batch is token ids
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>")
     config = GKDConfig(output_dir=out_dir, per_device_train_batch_size=args.batch, lmbda=lmbda, max_steps=_STEPS,
                        max_new_tokens=args.new, lr_scheduler_type="cosine", report_to=[], save_strategy="no",
                        use_cpu=device == "cpu", bf16=False, gradient_checkpointing=False, **_GKD, **_OPTIM)
-    trainer = GKDTrainer(model=build(s_cfg), teacher_model=build(t_cfg), args=config, processing_class=tokenizer,
+    trainer = GKDTrainer(model=_torch_model(s_cfg, device, args.dtype), args=config, processing_class=tokenizer,
+                         teacher_model=_torch_model(t_cfg, device, args.dtype),
                          train_dataset=datasets.Dataset.from_dict({"unused": [0]}))
     trainer.create_optimizer_and_scheduler(num_training_steps=_STEPS)
     return trainer
@@ -292,6 +301,7 @@ def _trl_step(trainer, batch) -> None:
 
 
 def _trl_measure(args, lmbda: float) -> dict:
+    """TRL's step time on CUDA when there is one, else the CPU."""
     import torch
     import transformers
     import trl
