@@ -248,6 +248,18 @@ def encode_rows(rows: Sequence[Row], tokenizer, max_prompt_len: int, max_complet
     return out
 
 
+def prepare(config, rows: Sequence[Row], tokenizer, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int):
+    """(training batcher, held-out rows, their encodings): a run's rows split, tokenized and bucketed."""
+    train_rows, heldout_rows = split_heldout(rows, config.data.heldout_fraction, config.seed)
+    encode = dict(tokenizer=tokenizer, max_prompt_len=config.data.max_prompt_len,
+                  max_completion_len=max_new_tokens, eos_id=eos_ids[0] if eos_ids else None, chat=config.data.chat)
+    train_enc = encode_rows(train_rows, **encode)
+    heldout_enc = encode_rows(heldout_rows, **encode) if heldout_rows else []
+    batcher = Batcher(train_enc, config.train.batch_size * config.optim.grad_accum_steps, config.seed,
+                      tuple(config.data.prompt_buckets), max_new_tokens, pad_id)
+    return batcher, heldout_rows, heldout_enc
+
+
 class Batcher:
     """Bucketed batches as a pure function of (seed, step), for exact resume.
 

@@ -256,3 +256,18 @@ def format_table(metrics: dict) -> str:
            for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def heldout_loss(eval_fn, params, teacher_params, heldout_enc, config, max_new_tokens: int,
+                 pad_id: int) -> float | None:
+    """Mean objective over config.train.eval_batches held-out batches (dataset completions); None without any."""
+    if not heldout_enc:
+        return None
+    c = config
+    hb = data.Batcher(heldout_enc, c.train.batch_size, c.seed, tuple(c.data.prompt_buckets), max_new_tokens, pad_id)
+    vals = []
+    for i in range(c.train.eval_batches):
+        b = hb.batch(i)
+        view = {k: jnp.asarray(b[k]) for k in ("input_ids", "attention_mask", "labels", "prompt_mask", "safety_label")}
+        vals.append(float(eval_fn(params, teacher_params, view)["loss"]))
+    return float(np.mean(vals))

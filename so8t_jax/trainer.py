@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from so8t_jax import audit, build, data, outputs, so8t, stability
+from so8t_jax import audit, build, data, evaluate, outputs, so8t, stability
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.completions import PolicyConfig
 from so8t_jax.loading import Model, save_converted
@@ -159,7 +159,8 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
     teacher, student, vocab_note = build.reconcile_vocab(teacher, build.make_student(config, teacher))
     loss_cfg, policy = build.step_configs(config, teacher)
     rows = data.load_rows(config.data.source)
-    batcher, heldout_rows, heldout_enc = _data(config, rows, teacher.tokenizer, policy)
+    batcher, heldout_rows, heldout_enc = data.prepare(config, rows, teacher.tokenizer, policy.max_new_tokens,
+                                                      policy.eos_ids, policy.pad_id)
     steps = config.train.steps if config.train.epochs <= 0 else \
         config.train.epochs * math.ceil(len(batcher) / (config.train.batch_size * config.optim.grad_accum_steps))
     optim_cfg = OptimConfig(total_steps=steps, **config.optim.to_dict())
@@ -187,19 +188,6 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
     run.eval_fn = jax.jit(lambda p, t, b: loss_terms(p, t, b, batch_counts(b, loss_cfg), student.config,
                                                      teacher.config, loss_cfg))
     return run
-
-
-def _data(config, rows, tokenizer, policy: PolicyConfig):
-    """(training batcher, held-out rows, their encodings): rows split, tokenized and bucketed."""
-    train_rows, heldout_rows = data.split_heldout(rows, config.data.heldout_fraction, config.seed)
-    encode = dict(tokenizer=tokenizer, max_prompt_len=config.data.max_prompt_len,
-                  max_completion_len=policy.max_new_tokens, eos_id=policy.eos_ids[0] if policy.eos_ids else None,
-                  chat=config.data.chat)
-    train_enc = data.encode_rows(train_rows, **encode)
-    heldout_enc = data.encode_rows(heldout_rows, **encode) if heldout_rows else []
-    batcher = data.Batcher(train_enc, config.train.batch_size * config.optim.grad_accum_steps, config.seed,
-                           tuple(config.data.prompt_buckets), policy.max_new_tokens, policy.pad_id)
-    return batcher, heldout_rows, heldout_enc
 
 
 def _resume_or_start(run: Run, data_fingerprint: str) -> None:
@@ -327,18 +315,8 @@ def record(run: Run, metrics: dict[str, float], tokens: int, step: int | None = 
 
 def heldout_loss(run: Run) -> float | None:
     """Mean objective over train.eval_batches held-out batches (dataset completions), or None without any."""
-    if not run.heldout_enc:
-        return None
-    c = run.config
-    hb = data.Batcher(run.heldout_enc, c.train.batch_size, c.seed, tuple(c.data.prompt_buckets),
-                      run.policy.max_new_tokens, run.policy.pad_id)
-    params = run.state.params
-    vals = []
-    for i in range(c.train.eval_batches):
-        b = hb.batch(i)
-        view = {k: jnp.asarray(b[k]) for k in ("input_ids", "attention_mask", "labels", "prompt_mask", "safety_label")}
-        vals.append(float(run.eval_fn(params, run.teacher.params, view)["loss"]))
-    return float(np.mean(vals))
+    return evaluate.heldout_loss(run.eval_fn, run.state.params, run.teacher.params, run.heldout_enc, run.config,
+                                 run.policy.max_new_tokens, run.policy.pad_id)
 
 
 def periodic(run: Run, step: int | None = None) -> None:
