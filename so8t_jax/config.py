@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "phi3", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -34,7 +34,7 @@ class ModelConfig:
     activation: str = "silu"
     tie_embeddings: bool = False
     attn_bias: bool = False          # qwen2: q/k/v projections carry biases
-    qk_norm: bool = False            # gemma3: RMSNorm over head_dim on q and k
+    qk_norm: bool = False            # gemma3, qwen3: RMSNorm over head_dim on q and k (before rope)
     post_norms: bool = False         # gemma3: norms after attention and MLP, before the residual add
     embed_scale: bool = False        # gemma3: embeddings times sqrt(d_model)
     query_scale: float | None = None  # None: 1/sqrt(head_dim)
@@ -127,6 +127,24 @@ class ModelConfig:
         return cls(**{**base, **kw})
 
     @classmethod
+    def qwen3(cls, size: str, **kw) -> "ModelConfig":
+        """Qwen3 dense models (head_dim 128 whatever d_model / n_heads; q/k RMSNorm; no q/k/v bias)."""
+        shapes = {"0.6b": (1024, 28, 16, 3072, True), "1.7b": (2048, 28, 16, 6144, True),
+                  "4b": (2560, 36, 32, 9728, True), "8b": (4096, 36, 32, 12288, False)}
+        d, n_layers, n_heads, ffn, tied = shapes[size]
+        base = dict(family="qwen3", vocab_size=151936, d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8,
+                    head_dim=128, ffn_dim=ffn, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+                    tie_embeddings=tied, max_seq_len=40960)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def mistral_7b(cls, **kw) -> "ModelConfig":
+        """Mistral-7B v0.3 (no sliding window; v0.1 had sliding_window 4096 on every layer)."""
+        base = dict(family="mistral", vocab_size=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                    head_dim=128, ffn_dim=14336, norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=32768)
+        return cls(**{**base, **kw})
+
+    @classmethod
     def gemma3_1b(cls, **kw) -> "ModelConfig":
         n = 26
         base = dict(family="gemma3", vocab_size=262144, d_model=1152, n_layers=n, n_heads=4, n_kv_heads=1,
@@ -139,7 +157,9 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **kw) -> "ModelConfig":
         presets = {"smollm2-135m": cls.smollm2_135m, "qwen2-0.5b": cls.qwen2_0_5b, "qwen2-7b": cls.qwen2_7b,
-                   "gemma3-1b": cls.gemma3_1b}
+                   "gemma3-1b": cls.gemma3_1b, "mistral-7b": cls.mistral_7b,
+                   **{f"qwen3-{size}": (lambda size=size, **k: cls.qwen3(size, **k))
+                      for size in ("0.6b", "1.7b", "4b", "8b")}}
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; known: {sorted(presets)}")
         return presets[name](**kw)

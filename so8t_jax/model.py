@@ -1,4 +1,5 @@
-"""One decoder for every family (llama, qwen2, phi3, gemma3): a pure function of (params, config, tokens).
+"""One decoder for every family (llama, mistral, qwen2, qwen3, phi3, gemma3): a pure function of
+(params, config, tokens).
 
 Axis letters: so8t_jax/conventions.py
 
@@ -9,7 +10,7 @@ the layers are stacked on a leading Y axis and scanned, so compile time does not
     layers: attn_norm [Y, D]  q [Y, D, Q, H]  k, v [Y, D, K, H]  o [Y, Q, H, D]
             mlp_norm [Y, D]  gate, up [Y, D, F]  down [Y, F, D]
             q_bias [Y, Q, H], k_bias, v_bias [Y, K, H]        (attn_bias: qwen2)
-            q_norm, k_norm [Y, H]                             (qk_norm: gemma3)
+            q_norm, k_norm [Y, H]                             (qk_norm: gemma3, qwen3)
             post_attn_norm, post_mlp_norm [Y, D]              (post_norms: gemma3)
             attn_gate, mlp_gate [Y, Z, 28]  + so8t_alpha [] at the top level     (SO(8) gates, so8t.py)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2", "phi3", "phi3_longrope", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "phi3_longrope", "gemma3")
 
 # Overrides that make every 2-D weight's rows a multiple of 256, so K-quants (Q4_K, Q5_K, Q6_K) apply to
 # every matrix instead of falling back to F16. Use as make_hf_model(family, folder, **KQUANT_OVERRIDES).
@@ -126,8 +126,13 @@ def _base_config(family: str, vocab: int, ids: dict[str, int]) -> dict[str, Any]
     )
     if family == "llama":
         return dict(common, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False, rope_theta=50000.0)
+    if family == "mistral":  # sliding window 4: tests run past it
+        return dict(common, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False, sliding_window=4)
     if family == "qwen2":
         return dict(common, num_hidden_layers=2, tie_word_embeddings=True, rope_theta=1000000.0)
+    if family == "qwen3":  # head_dim 24 != hidden / heads (16), GQA 4 -> 2, untied
+        return dict(common, num_hidden_layers=2, head_dim=24, tie_word_embeddings=False, rope_theta=1000000.0,
+                    attention_bias=False, use_sliding_window=False)
     if family == "phi3":
         return dict(common, num_hidden_layers=2, tie_word_embeddings=False, max_position_embeddings=64)
     if family == "phi3_longrope":
@@ -184,7 +189,7 @@ def _randomize_(model, family: str, gen) -> None:
 def make_hf_model(family: str, folder, seed: int = 0, **overrides) -> pathlib.Path:
     """Build, randomise and save a tiny transformers model of `family` plus its tokenizer in `folder`.
 
-    family: "llama" | "qwen2" | "phi3" | "phi3_longrope" | "gemma3".
+    family: "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "phi3_longrope" | "gemma3".
     overrides: config fields (e.g. hidden_size=256, num_hidden_layers=3, bos_token_id=..., vocab_size=...).
     A vocab_size larger than the tokenizer pads the vocabulary (rows no token uses), as Qwen2 does.
     Returns the folder (pathlib.Path).
@@ -195,10 +200,14 @@ def make_hf_model(family: str, folder, seed: int = 0, **overrides) -> pathlib.Pa
         Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         Phi3Config,
         Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     folder = pathlib.Path(folder)
@@ -232,7 +241,9 @@ def make_hf_model(family: str, folder, seed: int = 0, **overrides) -> pathlib.Pa
 
     config_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM),
         "phi3_longrope": (Phi3Config, Phi3ForCausalLM),
         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
@@ -418,7 +429,9 @@ _QUANTIZE_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "TQ1_0": "
 # --------------------------------------------------------------------------------------------------
 # GGUF writer
 
-_ARCH = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+# the converter writes MistralForCausalLM as llama (LlamaModel: q/k permuted, no sliding-window key)
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+         "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def _rope_params(hp: dict) -> dict:

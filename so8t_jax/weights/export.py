@@ -28,7 +28,8 @@ from so8t_jax.config import ModelConfig
 from so8t_jax.weights import names
 from so8t_jax.weights.hf import llama3_factors
 
-_HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+_HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
+            "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM"),
             "phi3": ("phi3", "Phi3ForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 _FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 _FILE_TYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
@@ -47,7 +48,8 @@ def _check_supported(cfg: ModelConfig) -> None:
     """Both formats describe a family by its architecture name: a config that differs from what the name
     implies cannot be written."""
     gemma = cfg.family == "gemma3"
-    want = {"qk_norm": gemma, "post_norms": gemma, "embed_scale": gemma, "attn_bias": cfg.family == "qwen2",
+    want = {"qk_norm": gemma or cfg.family == "qwen3", "post_norms": gemma, "embed_scale": gemma,
+            "attn_bias": cfg.family == "qwen2",
             "activation": "gelu_tanh" if gemma else "silu"}
     bad = [f"{k}={getattr(cfg, k)!r}" for k, v in want.items() if getattr(cfg, k) != v]
     if cfg.rope_local_theta is not None and not gemma:
@@ -56,7 +58,7 @@ def _check_supported(cfg: ModelConfig) -> None:
         bad.append(f"rope_dim={cfg.rope_dim}")
     if cfg.family == "phi3" and cfg.head_dim * cfg.n_heads != cfg.d_model:
         bad.append(f"head_dim={cfg.head_dim} (phi3 takes d_model / n_heads)")
-    if any(cfg.is_sliding) and not (gemma or (cfg.family == "phi3" and all(cfg.is_sliding))):
+    if any(cfg.is_sliding) and not (gemma or (cfg.family in ("phi3", "mistral") and all(cfg.is_sliding))):
         bad.append(f"sliding_layers={cfg.sliding_layers}")
     if bad:
         raise NotImplementedError(f"cannot export this {cfg.family} model: {', '.join(bad)} has no {cfg.family} "
@@ -138,7 +140,7 @@ def file_tensors(cfg: ModelConfig, params: dict, fmt: str):
             parts = [names.to_file(cfg, p, host["layers"][p][i] if entry.per_layer else host[p], fmt)
                      for p in _FUSED.get(leaf, (leaf,))]
             w = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            if fmt == names.GGUF and cfg.family == "llama" and leaf in ("q", "k"):
+            if fmt == names.GGUF and names.gguf_permutes_qk(cfg.family) and leaf in ("q", "k"):
                 w = permute_qk(w, cfg.n_heads if leaf == "q" else cfg.n_kv_heads)
             yield names.file_name(entry, fmt, i), np.ascontiguousarray(w)
 
@@ -170,12 +172,16 @@ def hf_config(cfg: ModelConfig) -> dict:
         hp["rope_scaling"] = {"rope_type": "longrope", "type": "longrope",
                               "short_factor": list(cfg.rope_factors_short), "long_factor": list(cfg.rope_factors_long),
                               **({} if fits else {"attention_factor": attn})}
-    if cfg.family in ("llama", "qwen2", "phi3"):
+    if cfg.family != "gemma3":
         hp["hidden_act"] = "silu"
     if cfg.family == "llama":
         hp.update(attention_bias=False, mlp_bias=False)
-    elif cfg.family == "qwen2":
+    elif cfg.family == "mistral":
+        hp.update(sliding_window=cfg.sliding_window if any(cfg.is_sliding) else None)
+    elif cfg.family in ("qwen2", "qwen3"):
         hp.update(use_sliding_window=False, sliding_window=None)
+        if cfg.family == "qwen3":
+            hp.update(attention_bias=False)
     elif cfg.family == "phi3":
         del hp["head_dim"]
         hp.update(partial_rotary_factor=cfg.rotary_dim / cfg.head_dim,
@@ -241,8 +247,12 @@ def _gguf_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, kind: str, qtype: str) -
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.rotary_dim)
     w.add_file_type(gguf.LlamaFileType[_FILE_TYPE[qtype]])
-    if cfg.family == "llama":
+    if names.GGUF_ARCH[cfg.family] == "llama":
         w.add_vocab_size(cfg.vocab_size)
+    if cfg.family == "mistral" and any(cfg.is_sliding):
+        # llama.cpp's llama arch has no sliding window (its converter drops Mistral's); the key keeps it for
+        # so8t_jax.load, which reads a llama file with a window as mistral
+        w.add_sliding_window(cfg.sliding_window)
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_factors_short[0])
@@ -327,7 +337,7 @@ def export_gguf(cfg: ModelConfig, params: dict, tokenizer, out_path, qtype: str 
     out = pathlib.Path(out_path).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), cfg.family)
+    writer = gguf.GGUFWriter(str(tmp), names.GGUF_ARCH[cfg.family])
     try:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)

@@ -18,7 +18,7 @@ import numpy as np
 from so8t_jax.config import ConfigError, ModelConfig
 from so8t_jax.weights import common, names
 
-ARCHITECTURES = ("llama", "qwen2", "phi3", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
@@ -186,12 +186,15 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
                   rope_local_theta=float(_meta(f, a + "rope.freq_base_swa", 10000.0)),
                   sliding_window=int(window or 4096), sliding_layers=sliding,
                   query_scale=(d / n_heads if n_layers == 62 else head_dim) ** -0.5)
-    elif arch == "phi3" and window:
+    elif arch in ("phi3", "llama") and window:  # a llama file with a window: mistral (as export writes it)
         kw.update(sliding_window=int(window), sliding_layers=(True,) * n_layers)
+    if arch == "qwen3":
+        kw["qk_norm"] = True
     eos = [_meta(f, "tokenizer.ggml.eos_token_id"), _meta(f, "tokenizer.ggml.eot_token_id")]
     try:
         return ModelConfig(
-            family=arch, vocab_size=f.tensors["token_embd.weight"][1][0], d_model=d, n_layers=n_layers,
+            family="mistral" if arch == "llama" and window else arch,
+            vocab_size=f.tensors["token_embd.weight"][1][0], d_model=d, n_layers=n_layers,
             n_heads=n_heads, n_kv_heads=int(_meta(f, a + "attention.head_count_kv", n_heads)),
             head_dim=head_dim, ffn_dim=int(_meta(f, a + "feed_forward_length", required=True)),
             norm_eps=float(_meta(f, a + "attention.layer_norm_rms_epsilon", 1e-5)),
@@ -219,7 +222,7 @@ def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict, GGUFFile]:
 
     def read(name):
         w = f.read(name)
-        if cfg.family == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if names.gguf_permutes_qk(cfg.family) and name.endswith(("attn_q.weight", "attn_k.weight")):
             w = unpermute_qk(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
         return w
 

@@ -13,7 +13,8 @@ from so8t_jax.config import ConfigError, ModelConfig
 from so8t_jax.so8t import HEADS_FILE
 from so8t_jax.weights import common, names
 
-_FAMILY = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+           "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def _rope_params(hp: dict) -> tuple[dict, dict | None]:
@@ -74,8 +75,8 @@ def config_from_hf(hp: dict, path="config.json") -> ModelConfig:
     if family is None:
         raise common.WeightsError(path, f"unsupported architecture (model_type {hp.get('model_type')!r}); "
                                         f"supported: {sorted(_FAMILY)}")
-    if hp.get("use_sliding_window") and family == "qwen2":
-        raise common.WeightsError(path, "qwen2 with use_sliding_window=True is not supported")
+    if hp.get("use_sliding_window") and family in ("qwen2", "qwen3"):
+        raise common.WeightsError(path, f"{family} with use_sliding_window=True is not supported")
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if hp.get(key):
             raise common.WeightsError(path, f"{key}={hp[key]} is not supported")
@@ -90,7 +91,7 @@ def config_from_hf(hp: dict, path="config.json") -> ModelConfig:
             "full_attention" if (i + 1) % hp.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
             for i in range(n_layers)]
         sliding = tuple(t == "sliding_attention" for t in types)
-    elif family == "phi3" and window:
+    elif family in ("phi3", "mistral") and window:  # every layer slides (qwen's sliding_window is unused)
         sliding = (True,) * n_layers
     eos = hp.get("eos_token_id")
     act = hp.get("hidden_activation") or hp.get("hidden_act", "silu")
@@ -100,7 +101,7 @@ def config_from_hf(hp: dict, path="config.json") -> ModelConfig:
             n_kv_heads=hp.get("num_key_value_heads") or n, head_dim=head_dim, ffn_dim=hp["intermediate_size"],
             norm_eps=hp.get("rms_norm_eps", 1e-6), activation="gelu_tanh" if "gelu" in act else "silu",
             tie_embeddings=bool(hp.get("tie_word_embeddings", family in ("gemma3",))),
-            attn_bias=family == "qwen2" or bool(hp.get("attention_bias")), qk_norm=family == "gemma3",
+            attn_bias=family == "qwen2" or bool(hp.get("attention_bias")), qk_norm=family in ("gemma3", "qwen3"),
             post_norms=family == "gemma3", embed_scale=family == "gemma3",
             query_scale=hp["query_pre_attn_scalar"] ** -0.5 if family == "gemma3" else None,
             rope_dim=rope_dim if rope_dim != head_dim else None,

@@ -14,6 +14,15 @@ from so8t_jax.config import ModelConfig
 
 HF, GGUF = "hf", "gguf"
 
+# GGUF architecture of each family: llama.cpp's converter writes Mistral models as "llama" (LlamaModel)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+             "gemma3": "gemma3"}
+
+
+def gguf_permutes_qk(family: str) -> bool:
+    """llama.cpp's converter permutes q/k rows (rotate_half halves -> interleaved pairs) for its llama arch."""
+    return GGUF_ARCH[family] == "llama"
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
