@@ -103,6 +103,7 @@ def reconcile_vocab(teacher: Model, student: Model) -> tuple[Model, Model, str |
 
 def step_configs(config, teacher: Model) -> tuple[LossConfig, PolicyConfig]:
     """(LossConfig, PolicyConfig) of a run config; eos and pad ids are the teacher's (sampling's one rule)."""
-    policy = PolicyConfig(**config.policy.to_dict(), eos_ids=eos_ids_of(teacher), pad_id=pad_id_of(teacher))
+    policy = PolicyConfig(**config.policy.to_dict(), eos_ids=eos_ids_of(teacher, config.data.chat),
+                          pad_id=pad_id_of(teacher))
     loss = LossConfig(**config.loss.to_dict(), compute_dtype=config.train.compute_dtype, remat=config.train.remat)
     return loss, policy

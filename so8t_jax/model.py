@@ -267,7 +267,7 @@ def remat_policy(remat: str | bool):
 
 def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None, mask_BxT=None,
             cache: KVCache | None = None, output_hidden: bool = False, logits: bool = True,
-            remat: str | bool = "none") -> Output:
+            remat: str | bool = "none", context_len: int | None = None) -> Output:
     """Run the decoder.
 
     positions_BxT: token positions (default 0..T-1, or cumsum(mask)-1 when a mask is given, which suits
@@ -276,7 +276,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
     are written at cache.index and attend to everything cached before them; a single new token (decode)
     reads the cache once and only its own slot is written. remat: the layer scan's rematerialisation,
     "none" | "dots" (keep the projections' matmul outputs, recompute the rest) | "full" (keep nothing but
-    each layer's input); False / True mean "none" / "full".
+    each layer's input); False / True mean "none" / "full". context_len: the context LongRoPE decides by
+    (rope_tables) without a cache; training passes its sequence length P + N, the sampler's cache capacity,
+    so on-policy samples and the trained forward use the same factors.
     """
     policy = remat_policy(remat)
     b, t = tokens_BxT.shape
@@ -299,7 +301,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
             k_pos = jnp.concatenate([jnp.where(overwritten_S, -1, cache.pos_BxS), slot_pos], axis=1)
         k_valid = k_pos >= 0
     masks = attention_masks(cfg, positions_BxT, k_pos, k_valid)
-    context_len = None if cache is None else cache.pos_BxS.shape[1]
+    context_len = context_len if cache is None else cache.pos_BxS.shape[1]
     rope_global = rope_tables(cfg, positions_BxT, context_len=context_len)
     rope_local = rope_tables(cfg, positions_BxT, local=True) if cfg.rope_local_theta is not None else None
     sliding_Y = jnp.asarray(cfg.is_sliding)

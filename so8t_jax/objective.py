@@ -140,16 +140,17 @@ def _forwards(student, teacher_params, batch, s_cfg, t_cfg, lc: LossConfig):
     stop_gradient and only when a term needs it, the teacher's (in the dtype it is stored in); [B, L, V] logits
     only without chunking, hidden states of every layer only for the hidden terms."""
     tokens, attn = batch["input_ids"], batch["attention_mask"]
+    context = tokens.shape[1]  # LongRoPE's rule as in sampling: the [prompt P, completion N] capacity
     need_hidden = lc.hidden_weight > 0 or lc.so8t_weight > 0
     verify = lc.verification_weight > 0
     need_logits = lc.chunk_size == 0 and (lc.kd_weight > 0 or lc.ce_weight > 0 or verify)
     s_out = model_lib.forward(student, s_cfg, tokens, mask_BxT=attn, output_hidden=need_hidden, logits=need_logits,
-                              remat=lc.remat)
+                              remat=lc.remat, context_len=context)
     t_out = None
     if lc.kd_weight > 0 or need_hidden or verify:
         t_out = jax.lax.stop_gradient(model_lib.forward(
             teacher_params, t_cfg, tokens, mask_BxT=attn, output_hidden=need_hidden,
-            logits=need_logits and (lc.kd_weight > 0 or verify)))
+            logits=need_logits and (lc.kd_weight > 0 or verify), context_len=context))
     return s_out, t_out
 
 

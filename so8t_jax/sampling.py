@@ -273,14 +273,42 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tup
     return tokens, mask
 
 
-def eos_ids_of(model) -> tuple[int, ...]:
-    """The model's end-of-sequence ids: its config's plus its tokenizer's eos_token_id. The one rule the
-    sampler, the trainer's policy and evaluation use."""
-    ids = set(model.config.eos_token_ids)
+_TURN_MARKER = "so8tTurnMarker"
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (<|eot_id|>, <end_of_turn>, <|end|>,
+    <|im_end|>, </s>): the first special token it writes after an assistant message's text. None without a
+    template, or where the template writes no special token there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # a template may refuse this shape (jinja raise_exception): then no end token is known
+        return None
+    if not isinstance(text, str) or _TURN_MARKER not in text:
+        return None
+    tail = text[text.rindex(_TURN_MARKER) + len(_TURN_MARKER):]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((int(i) for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special), None)
+
+
+def eos_ids_of(model, chat: bool = True) -> tuple[int, ...]:
+    """The ids that end a completion: the config's end ids, the tokenizer's eos_token_id and (chat) the chat
+    template's turn end. The first is the one a completion ends with (the turn end in chat, else the
+    tokenizer's EOS); the sampler stops on any. The one rule the sampler, the trainer and evaluation use."""
+    ids = set(int(i) for i in model.config.eos_token_ids)
     tok_eos = getattr(model.tokenizer, "eos_token_id", None)
     if tok_eos is not None:
         ids.add(int(tok_eos))
-    return tuple(sorted(ids))
+    end = turn_end_id(model.tokenizer) if chat and model.tokenizer is not None else None
+    if end is not None:
+        ids.add(end)
+    if not ids:
+        return ()
+    first = next(i for i in (end, tok_eos, min(ids)) if i is not None)
+    return (int(first), *sorted(ids - {int(first)}))
 
 
 def pad_id_of(model) -> int:
@@ -342,7 +370,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
             raise ValueError(f"prompt {r} encodes to no tokens")
     cfg = model.config
     pad_id = pad_id_of(model)
-    eos_ids = eos_ids_of(model)
+    eos_ids = eos_ids_of(model, chat)
     tokens_BxP, mask_BxP = left_pad(rows, bucket_length(max(len(ids) for ids in rows)), pad_id)
     fn = make_sample_fn(cfg, int(max_new_tokens), Sampler(temperature, top_k, top_p, min_p), eos_ids, pad_id)
     out = fn(model.params, jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP), jax.random.PRNGKey(seed))

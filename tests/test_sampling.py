@@ -365,3 +365,25 @@ def test_rows_stop_at_their_first_eos(models, gemma3_sampled):
     np.testing.assert_array_equal(np.asarray(out.sequence_mask_BxL), np.concatenate([mask, got_mask], 1))
     comp = np.asarray(out.completion_mask_BxL)
     assert np.all(comp[:, :p] == 0) and np.array_equal(comp[:, p:], got_mask)
+
+
+def test_longrope_training_forward_uses_the_samplers_factors(models):
+    """LongRoPE (original context 16): prompts of 4 and 3 tokens in a 6-slot bucket, 12 new tokens. The sampler's
+    cache holds 18 > 16 positions, so it draws with the long factors although no row gets past position 15; the
+    training forward on [prompt, completion] (context_len = P + N, as objective.py passes it) must use the same
+    factors, or on-policy samples would come from a rope that is not the one trained."""
+    m = models["phi3_longrope"]
+    _, tokens, mask = _left_padded([4, 3], m.config.vocab_size, seed=3)
+    tokens, mask = np.pad(tokens, ((0, 0), (2, 0))), np.pad(mask, ((0, 0), (2, 0)))  # P = 6
+    out = sampling.make_sample_fn(m.config, 12, sampling.GREEDY, (), 0, return_logits=True)(
+        m.params, tokens, mask, jax.random.PRNGKey(0))
+    assert int(np.asarray(out.sequence_mask_BxL).sum(1).max()) <= 16 < out.sequence_BxL.shape[1]
+    ref = np.asarray(out.logits_BxNxV)
+
+    def predicted(context_len):
+        logits = model_lib.forward(m.params, m.config, out.sequence_BxL, mask_BxT=out.sequence_mask_BxL,
+                                   context_len=context_len).logits
+        return np.asarray(logits)[:, 5:17]
+
+    np.testing.assert_allclose(predicted(18), ref, atol=1e-4, rtol=0)
+    assert np.abs(predicted(None) - ref).max() > 1e-2  # by the longest row alone: the short factors

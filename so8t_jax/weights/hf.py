@@ -143,10 +143,13 @@ def load_hf(folder, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
         raise common.WeightsError(config_path, f"invalid JSON: {e}") from e
     cfg = config_from_hf(hp, config_path)
     gen = folder / "generation_config.json"
-    if gen.exists() and not cfg.eos_token_ids:
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        if eos is not None:
-            cfg = cfg.replace(eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]))
+    if gen.exists():  # generation stops on every end id either file declares (Llama 3: <|eot_id|> is only here)
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except (ValueError, AttributeError) as e:
+            raise common.WeightsError(gen, f"invalid JSON: {e}") from e
+        extra = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        cfg = cfg.replace(eos_token_ids=tuple(dict.fromkeys([*cfg.eos_token_ids, *map(int, extra)])))
     location, shapes, handles = {}, {}, {}
     try:
         for f in _shard_files(folder):
