@@ -1,13 +1,20 @@
 """The optimizer: AdamW after optional adaptive and global-norm clipping, with warmup + decay schedules
-(optax), and optional reduce-on-plateau. Defaults: so8t_jax/defaults.py (the optim.* keys)."""
+(optax), and optional reduce-on-plateau. Defaults: so8t_jax/defaults.py (the optim.* keys).
+
+Two parameter groups through optax.multi_transform: the trunk (the decoder, the hidden projection) at
+learning_rate and the SO8T heads at head_learning_rate, each with the same warmup / decay shape. Weight decay
+(an optax mask) pulls only on matrices: never on norms, biases, the SO(8) gates, the scheduled alpha or the
+heads."""
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from so8t_jax.defaults import DEFAULTS
+from so8t_jax.so8t import HEADS
 
 SCHEDULES = ("cosine", "linear", "exponential", "constant")
 _D = DEFAULTS.optim
@@ -45,9 +52,13 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps >= 0, total_steps >= 1 and grad_accum_steps >= 1 are required")
 
 
-def make_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup to learning_rate, then decay to min_lr by total_steps; never below min_lr, never rising."""
-    peak, floor = cfg.learning_rate, cfg.min_lr
+def make_schedule(cfg: OptimConfig, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup to learning_rate, then decay to min_lr by total_steps; never below min_lr, never rising.
+    peak: another peak (the heads') with the same shape: min_lr scales with it."""
+    floor = cfg.min_lr
+    if peak is not None:
+        floor = floor * peak / cfg.learning_rate if cfg.learning_rate else 0.0
+    peak = cfg.learning_rate if peak is None else peak
     span = max(cfg.total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, span, alpha=floor / peak if peak else 0.0)
@@ -62,13 +73,42 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     return lambda step: jnp.maximum(sched(step), floor)
 
 
+_NO_DECAY = ("attn_gate", "mlp_gate", "so8t_alpha")
+
+
+def _leaf_name(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def group_labels(params) -> dict:
+    """"heads" for the SO8T heads (params["student"]["safety_head" | "verifier"]), "trunk" for the rest."""
+    def label(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        return "heads" if len(names) > 1 and names[0] == "student" and names[1] in HEADS else "trunk"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_mask(params) -> dict:
+    """True where weight decay applies: matrices only; not norms, biases, gates, alpha or heads."""
+    heads = group_labels(params)
+
+    def decays(path, _, group):
+        name = _leaf_name(path)
+        return group == "trunk" and not (name.endswith(("norm", "bias")) or name in _NO_DECAY)
+    return jax.tree_util.tree_map_with_path(decays, params, heads)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     parts = []
     if cfg.adaptive_clip > 0:
         parts.append(optax.adaptive_grad_clip(cfg.adaptive_clip))
     if cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(make_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay))
+
+    def adamw(schedule):
+        return optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    parts.append(optax.multi_transform({"trunk": adamw(make_schedule(cfg)),
+                                        "heads": adamw(make_schedule(cfg, cfg.head_learning_rate))}, group_labels))
     if cfg.plateau:
         parts.append(optax.contrib.reduce_on_plateau(cfg.plateau_factor, cfg.plateau_patience))
     return optax.chain(*parts)

@@ -116,18 +116,12 @@ def _make_gradients(s_cfg, t_cfg, loss_cfg: LossConfig, accum: int):
 
 
 def _make_update(optimizer, schedule, optim_cfg: OptimConfig):
-    """(state, grads, terms, alpha) -> (state, metrics): the optax update scaled by lr_scale (and the heads' own
-    peak lr), applied; a scheduled gate alpha (not None) is put back after it, since it is not learned and weight
+    """(state, grads, terms, alpha) -> (state, metrics): the optax update (heads at their own lr: optim.py) scaled
+    by lr_scale, applied; a scheduled gate alpha (not None) is put back after it, since it is not learned and weight
     decay must not pull on it. metrics: every loss term, gradient / parameter / update norms, clipping, lr."""
-    lr = optim_cfg.learning_rate
-    head_scale = optim_cfg.head_learning_rate / lr if lr > 0 else 0.0
-
     def update(state: TrainState, grads, terms, alpha=None):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=terms["loss"])
         updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
-        if head_scale != 1.0 and so8t.has_heads(updates["student"]):  # adamw's update is linear in its lr
-            updates = dict(updates, student={k: jax.tree_util.tree_map(lambda u: u * head_scale, v)
-                                             if k in so8t.HEADS else v for k, v in updates["student"].items()})
         params = optax.apply_updates(state.params, updates)
         if alpha is not None:
             params = _with_alpha(params, alpha)
