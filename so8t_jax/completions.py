@@ -20,6 +20,9 @@ class PolicyConfig:
     on every device and host: < lmbda -> the student samples them; else with seq_kd the teacher generates
     them; else the dataset's own completions. Sampled completions end at the first EOS (labels -100 after)."""
     lmbda: float = _D.lmbda
+    lmbda_schedule: str = _D.lmbda_schedule  # constant | linear | cosine: lmbda_start -> lmbda over lmbda_ramp
+    lmbda_start: float = _D.lmbda_start
+    lmbda_ramp: float = _D.lmbda_ramp        # fraction of the run's steps the ramp takes
     seq_kd: bool = _D.seq_kd
     temperature: float = _D.temperature
     top_k: int = _D.top_k
@@ -29,23 +32,39 @@ class PolicyConfig:
     pad_id: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"policy.lmbda must be in [0, 1], got {self.lmbda}")
+        for name in ("lmbda", "lmbda_start", "lmbda_ramp"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"policy.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lmbda_schedule not in LMBDA_SCHEDULES:
+            raise ValueError(f"policy.lmbda_schedule must be one of {LMBDA_SCHEDULES}, got {self.lmbda_schedule!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"policy.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         sampling.Sampler(self.temperature, self.top_k, self.top_p)  # validates the sampling values
 
     @property
     def generates(self) -> bool:
-        return self.lmbda > 0 or self.seq_kd
+        return self.lmbda > 0 or (self.lmbda_schedule != "constant" and self.lmbda_start > 0) or self.seq_kd
+
+    def lmbda_at(self, step, total_steps: int):
+        """The on-policy probability at `step` (traceable): GKD from a weak start, offline KD first (the student's
+        own samples are noise until it imitates the teacher), then the on-policy share rising to lmbda."""
+        if self.lmbda_schedule == "constant":
+            return jnp.float32(self.lmbda)
+        ramp = max(self.lmbda_ramp * total_steps, 1.0)
+        t = jnp.clip(jnp.asarray(step, jnp.float32) / ramp, 0.0, 1.0)
+        shape = t if self.lmbda_schedule == "linear" else 0.5 - 0.5 * jnp.cos(jnp.pi * t)
+        return jnp.float32(self.lmbda_start) + (self.lmbda - self.lmbda_start) * shape
 
 
+LMBDA_SCHEDULES = ("constant", "linear", "cosine")
 SOURCES = ("dataset", "student", "teacher")
 
 
-def choose_source(rng, policy: PolicyConfig) -> jax.Array:
-    """0 dataset, 1 student (on-policy), 2 teacher (seq_kd): the step's single seeded draw."""
-    on_policy = jax.random.uniform(jax.random.fold_in(rng, 0)) < policy.lmbda
+def choose_source(rng, policy: PolicyConfig, lmbda=None) -> jax.Array:
+    """0 dataset, 1 student (on-policy), 2 teacher (seq_kd): the step's single seeded draw; lmbda: this step's
+    on-policy probability (policy.lmbda_at), default policy.lmbda."""
+    lmbda = policy.lmbda if lmbda is None else lmbda
+    on_policy = jax.random.uniform(jax.random.fold_in(rng, 0)) < lmbda
     return jnp.where(on_policy, 1, 2 if policy.seq_kd else 0).astype(jnp.int32)
 
 
@@ -73,11 +92,11 @@ def completions_view(batch, source, student_params, teacher_params, s_cfg, t_cfg
 
 
 def mix_completions(batch, rng, student_params, teacher_params, s_cfg, t_cfg, policy: PolicyConfig,
-                    axis_name: str | None = None):
+                    axis_name: str | None = None, lmbda=None):
     """(batch with the chosen source's input_ids / attention_mask / labels, source). An accumulation axis
     ([A, B, ...]) is flattened for sampling and restored after. Each row samples with its global id, so one
     device, a batch split over axis_name's devices and accumulation all draw the same completions."""
-    source = choose_source(rng, policy)
+    source = choose_source(rng, policy, lmbda)
     key = jax.random.fold_in(rng, 1)
     lead = batch["prompt_ids"].shape[:-1]  # [B] or [A, B] with accumulation (B: this device's rows)
 

@@ -5,29 +5,28 @@
     enc = encode_rows(rows, tokenizer, max_prompt_len=256, max_completion_len=128)
     batch = Batcher(enc, batch_size=8, seed=0, completion_len=128).batch(step)
 
-Rows are checked before any tokenization: a malformed row is a DataError naming the source, the row
-(0-based, as ds[i]) and the problem. Batches are a pure function of (seed, step), so a resumed run sees
-exactly the data an uninterrupted one would.
+Rows are checked before any tokenization (and before a run loads its teacher): a malformed row is a DataError
+naming the source, the row and the problem (rows.py reads and checks them), or, with skip_bad_rows, left out
+and counted. Batches are a pure function of (seed, step), so a resumed run sees exactly the data an
+uninterrupted one would.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import pathlib
-import tempfile
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from so8t_jax import defaults
 from so8t_jax.builtin_prompts import generate_rows
-from so8t_jax.conventions import IGNORE_INDEX, SAFETY_LABELS
+from so8t_jax.conventions import IGNORE_INDEX
 from so8t_jax.loading import encode_prompt
-from so8t_jax.rows import DataError, Row
+from so8t_jax.rows import DataError, Row, parse_row, records
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+KEEP_ERRORS = 5  # the errors of skipped rows listed in a run's results and audit log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +41,23 @@ class Encoded:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_rows(source: str, split: str = "train") -> list[Row]:
+def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False,
+              max_row_chars: int | None = None) -> list[Row]:
     """Rows of a local file (.jsonl .json .parquet .csv), a `save_to_disk` folder (split picks from a
     DatasetDict; a single file or Dataset is its own split), `builtin:diverse:N[:seed]` or
-    `builtin:safety:N[:seed]` (only the safety-labelled requests)."""
+    `builtin:safety:N[:seed]` (only the safety-labelled requests). See read_rows."""
+    return read_rows(source, split, skip_bad_rows, max_row_chars)[0]
+
+
+def read_rows(source: str, split: str = "train", skip_bad_rows: bool = False,
+              max_row_chars: int | None = None) -> tuple[list[Row], dict]:
+    """(rows, {"rows": kept, "skipped": bad rows left out, "skipped_first": the first KEEP_ERRORS errors}).
+
+    A bad row is a DataError naming the file, the row (JSONL / CSV: "line 5 (row 3)", the 1-based line and the
+    0-based row; JSON / parquet / folders: "row 3") and the problem; with skip_bad_rows it is left out and
+    counted instead. A damaged file (a truncated JSON list, an unreadable parquet file), an empty one, or one
+    with no good row is a DataError either way. max_row_chars (default: defaults.py's data.max_row_chars):
+    a longer row is a bad row."""
     source = str(source)
     if source.startswith("builtin:"):
         parts = source.split(":")
@@ -53,134 +65,45 @@ def load_rows(source: str, split: str = "train") -> list[Row]:
                 or not all(p.isdigit() for p in parts[2:]):
             raise DataError(f"{source}: a built-in source is builtin:diverse:N[:seed] or builtin:safety:N[:seed]")
         seed = int(parts[3]) if len(parts) == 4 else 0
-        if parts[1] == "safety":
-            return generate_rows(int(parts[2]), seed, safety_only=True)
-        return builtin_diverse(int(parts[2]), seed)
+        rows = generate_rows(int(parts[2]), seed, safety_only=True) if parts[1] == "safety" \
+            else builtin_diverse(int(parts[2]), seed)
+        return rows, {"rows": len(rows), "skipped": 0, "skipped_first": []}
     path = pathlib.Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file or folder")
-    raws = _read(path, split)
-    if not raws:
-        raise DataError(f"{source}: the dataset is empty")
-    return [parse_row(raw, f"{source} row {i}") for i, raw in enumerate(raws)]
+    max_row_chars = defaults.DEFAULTS.data.max_row_chars if max_row_chars is None else max_row_chars
+    rows, n_bad, first = [], 0, []
+    for where, raw in records(path, split, max_row_chars):
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            rows.append(parse_row(raw, where))
+        except DataError as e:
+            n_bad += 1
+            first += [str(e)][:KEEP_ERRORS - len(first)]
+    if n_bad and not skip_bad_rows:
+        more = f"{n_bad} bad rows in all; " if n_bad > 1 else ""
+        raise DataError(f"{first[0]} ({more}data.skip_bad_rows=True leaves bad rows out)")
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty" if not n_bad else
+                        f"{source}: no usable row: all {n_bad} are bad (the first: {first[0]})")
+    return rows, {"rows": len(rows), "skipped": n_bad, "skipped_first": first}
 
 
-def _read(path: pathlib.Path, split: str) -> list[dict]:
-    import datasets
-
-    if path.is_file() and path.stat().st_size == 0:
-        return []
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{path}: no split {split!r} (it has {', '.join(ds)})")
-                ds = ds[split]
-            return ds.to_list()
-        fmt = _FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r} (.jsonl .json .parquet .csv, "
-                            "or a folder written by save_to_disk)")
-        with tempfile.TemporaryDirectory() as cache:  # no stale or shared cache of a local file
-            return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache,
-                                         keep_in_memory=True).to_list()
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: cannot read it as a dataset ({type(e).__name__}: {e})") from e
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))  # CSV blanks come back as None or NaN
-
-
-def parse_row(raw: dict[str, Any], where: str = "row") -> Row:
-    """Check one raw row (TRL formats: messages | prompt [+ completion] | text) and make a Row."""
-    def fail(problem):
-        raise DataError(f"{where}: {problem}")
-
-    if not isinstance(raw, dict):
-        fail(f"a row must be a mapping of columns, not {type(raw).__name__}")
-    kinds = [k for k in ("messages", "prompt", "text") if not _missing(raw.get(k))]
-    if not kinds:
-        fail("'completion' without a 'prompt'" if not _missing(raw.get("completion"))
-             else "no prompt, completion, messages or text column")
-    if len(kinds) > 1 or (kinds[0] != "prompt" and not _missing(raw.get("completion"))):
-        both = kinds if len(kinds) > 1 else [kinds[0], "completion"]
-        fail(f"both {both[0]!r} and {both[1]!r}; a row has messages, prompt (+ completion) or text")
-    kind = kinds[0]
-    if kind == "messages":
-        msgs = _messages(raw["messages"], "messages", fail)
-        if not any(m["role"] == "assistant" for m in msgs):
-            fail("'messages' has no assistant turn")
-        if msgs[-1]["role"] != "assistant":
-            fail(f"'messages' ends with a {msgs[-1]['role']!r} turn after the last assistant turn")
-        prompt, completion = msgs[:-1], msgs[-1]["content"]
-    elif kind == "prompt":
-        prompt = _text_or_messages(raw["prompt"], "prompt", fail)
-        if isinstance(prompt, str) and not prompt.strip():
-            fail("'prompt' is empty")
-        completion = raw.get("completion")
-        completion = None if _missing(completion) else _text_or_messages(completion, "completion", fail)
-        if isinstance(completion, tuple):
-            if len(completion) != 1 or completion[0]["role"] != "assistant":
-                fail("'completion' as messages must be exactly one assistant message")
-            completion = completion[0]["content"]
-    else:
-        prompt, completion = None, raw["text"]
-        if not isinstance(completion, str) or not completion.strip():
-            fail("'text' must be a non-empty string" if isinstance(completion, str)
-                 else f"'text' must be a string, not {type(completion).__name__}")
-    return Row(prompt, completion, _safety_label(raw.get("safety_label"), fail), _answer(raw.get("answer"), fail))
-
-
-def _text_or_messages(value, column: str, fail):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)):
-        return _messages(value, column, fail)
-    fail(f"{column!r} must be a string or a list of messages, not {type(value).__name__}")
-
-
-def _messages(value, column: str, fail) -> tuple[dict[str, str], ...]:
-    if not isinstance(value, (list, tuple)):
-        fail(f"{column!r} must be a list of messages, not {type(value).__name__}")
-    if not value:
-        fail(f"{column!r} is an empty list")
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict):
-            fail(f"{column!r} message {j} must be a mapping with 'role' and 'content', not {type(m).__name__}")
-        for key in ("role", "content"):
-            if m.get(key) is None:
-                fail(f"{column!r} message {j} has no {key!r}")
-            if not isinstance(m[key], str):
-                fail(f"{column!r} message {j}: {key!r} must be a string, not {type(m[key]).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})  # extra keys (arrow adds None ones) dropped
-    return tuple(out)
-
-
-def _safety_label(v, fail) -> int:
-    if _missing(v) or (isinstance(v, str) and not v.strip()):
-        return -1
-    if isinstance(v, str) and v.strip().lower() in SAFETY_LABELS:
-        return SAFETY_LABELS.index(v.strip().lower())
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        v = int(v)
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) in (-1.0, 0.0, 1.0, 2.0):
-        return int(v)
-    fail(f"unknown safety_label {v!r} (allow|escalate|deny, or 0|1|2)")
-
-
-def _answer(v, fail) -> str | None:
-    if _missing(v):
-        return None
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool):  # parquet/CSV may give numbers
-        return str(int(v)) if float(v).is_integer() else str(v)
-    fail(f"'answer' must be a string, not {type(v).__name__}")
+def run_rows(config) -> tuple[list[Row], dict]:
+    """A run's rows and read_rows' report (config.data: source, skip_bad_rows, max_row_chars), for the results
+    and the audit log."""
+    d = config.data  # .get: the config of a run from before these keys existed
+    rows, report = read_rows(d.source, skip_bad_rows=d.get("skip_bad_rows", False),
+                             max_row_chars=d.get("max_row_chars"))
+    if config.policy.lmbda > 0 or config.policy.seq_kd:
+        bare = sum(r.prompt is None for r in rows)
+        if bare:  # a completion generated from nothing: no prompt to condition on, no turn to end
+            raise DataError(f"{d.source}: {bare} of {len(rows)} rows are {{\"text\"}} rows without a prompt, but "
+                            f"policy.lmbda = {config.policy.lmbda} / policy.seq_kd = {config.policy.seq_kd} generate "
+                            "completions from prompts: use prompt (+ completion) or messages rows, or set "
+                            "policy.lmbda=0 and policy.seq_kd=False")
+    return rows, report
 
 
 def messages_for(row: Row | str | Sequence[dict] | None) -> list[dict[str, str]]:
@@ -221,8 +144,9 @@ def encode_rows(rows: Sequence[Row], tokenizer, max_prompt_len: int, max_complet
     """Token ids of rows. Prompts: the chat template with the generation prompt when chat and the tokenizer
     has one (message-list prompts without a template: their contents joined by blank lines), else the raw
     text with the tokenizer's special tokens; too long -> the LAST max_prompt_len tokens (the generation
-    prompt survives). Completions: the text without special tokens, then eos_id (default: the tokenizer's).
-    {"text"} rows: empty prompt, completion = the text with special tokens (BOS where the tokenizer adds one)."""
+    prompt survives). Completions: the text without special tokens, then eos_id (default: the tokenizer's; runs
+    pass sampling.eos_ids_of(...)[0], the chat template's turn end). {"text"} rows: empty prompt, completion =
+    the text with special tokens (BOS where the tokenizer adds one), then the tokenizer's EOS."""
     eos = tokenizer.eos_token_id if eos_id is None else eos_id
     if eos is None:
         raise DataError("the tokenizer has no eos token; pass eos_id")
@@ -234,8 +158,9 @@ def encode_rows(rows: Sequence[Row], tokenizer, max_prompt_len: int, max_complet
         if row.prompt is None:
             prompt = []
             completion = list(tokenizer(row.completion, add_special_tokens=True)["input_ids"])
-            if not completion or completion[-1] != eos:
-                completion.append(eos)
+            text_eos = eos if tokenizer.eos_token_id is None else tokenizer.eos_token_id  # a document, not a turn
+            if not completion or completion[-1] != text_eos:
+                completion.append(text_eos)
         else:
             p = row.prompt
             if not isinstance(p, str):
@@ -248,12 +173,16 @@ def encode_rows(rows: Sequence[Row], tokenizer, max_prompt_len: int, max_complet
     return out
 
 
-def prepare(config, rows: Sequence[Row], tokenizer, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int):
-    """(training batcher, held-out rows, their encodings): a run's rows split, tokenized and bucketed."""
+def prepare(config, rows: Sequence[Row], tokenizer, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
+            relabel=None):
+    """(training batcher, held-out rows, their encodings): a run's rows split, tokenized and bucketed.
+    relabel: encoded training rows -> the rows to train on (seq_kd: the teacher's completions, seqkd.py)."""
     train_rows, heldout_rows = split_heldout(rows, config.data.heldout_fraction, config.seed)
     encode = dict(tokenizer=tokenizer, max_prompt_len=config.data.max_prompt_len,
                   max_completion_len=max_new_tokens, eos_id=eos_ids[0] if eos_ids else None, chat=config.data.chat)
     train_enc = encode_rows(train_rows, **encode)
+    if relabel is not None:
+        train_enc = relabel(train_enc)
     heldout_enc = encode_rows(heldout_rows, **encode) if heldout_rows else []
     batcher = Batcher(train_enc, config.train.batch_size * config.optim.grad_accum_steps, config.seed,
                       tuple(config.data.prompt_buckets), max_new_tokens, pad_id)

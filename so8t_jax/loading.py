@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from so8t_jax import model as model_lib
-from so8t_jax import so8t
+from so8t_jax import quant, so8t
 from so8t_jax.config import ModelConfig
 from so8t_jax.weights.common import WeightsError
 from so8t_jax.weights.gguf import load_gguf
@@ -58,6 +58,11 @@ class Model:
     def num_params(self) -> int:
         return model_lib.count_params(self.params)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the params occupy (a quantized teacher's packed blocks as they are)."""
+        return quant.nbytes(self.params)
+
 
 _LOGITS_CACHE: dict = {}
 
@@ -95,20 +100,27 @@ def _with_heads(path: pathlib.Path, cfg: ModelConfig, params: dict) -> dict:
         raise WeightsError(hp, str(e).removeprefix(f"{hp}: ")) from e
 
 
-def load(path, dtype="float32") -> Model:
+def load(path, dtype="float32", allow_nonfinite: bool = False, quantized: bool = False, shardings=None) -> Model:
     """Load a GGUF file, a Hugging Face folder (config.json + safetensors) or a folder made by `convert`;
-    SO8T heads saved beside a GGUF file or inside a folder (so8t_heads.safetensors) come along in params."""
+    SO8T heads saved beside a GGUF file or inside a folder (so8t_heads.safetensors) come along in params.
+    A GGUF or safetensors tensor holding NaN or inf is a WeightsError naming it unless allow_nonfinite.
+    quantized=True (GGUF files only; folders load dense): Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrices stay
+    packed on the device and are dequantized inside the matmuls (quant.py); `dtype` is what they compute in.
+    shardings: (param path, shape) -> Sharding (sharding.loader_shardings): each dense tensor is built straight
+    into its shards on its devices (weights/common.assemble), never whole on the host or one device (a quantized
+    or converted model loads whole; placement.py shards it after)."""
     path = pathlib.Path(path)
     dtype = as_dtype(dtype)
     if path.is_file():
-        cfg, params, _ = load_gguf(path, dtype)
+        cfg, params, _ = quant.load_gguf(path, dtype, allow_nonfinite) if quantized else \
+            load_gguf(path, dtype, allow_nonfinite, shardings)
         return Model(cfg, _with_heads(path, cfg, params), path,
                      _tokenizer_loader=_auto_tokenizer(path.parent, gguf_file=path.name))
     if not path.exists():
         raise WeightsError(path, "no such file or folder")
     if (path / CONVERTED_CONFIG).exists():
         return _load_converted(path, dtype)
-    cfg, params = load_hf(path, dtype)
+    cfg, params = load_hf(path, dtype, allow_nonfinite, shardings)
     return Model(cfg, _with_heads(path, cfg, params), path, _tokenizer_loader=_auto_tokenizer(path))
 
 

@@ -14,7 +14,8 @@ the layers are stacked on a leading Y axis and scanned, so compile time does not
             post_attn_norm, post_mlp_norm [Y, D]              (post_norms: gemma3)
             attn_gate, mlp_gate [Y, Z, 28]  + so8t_alpha [] at the top level     (SO(8) gates, so8t.py)
 
-Norm weights are stored as the effective multiplier (gemma's 1 + w is folded in at import).
+Norm weights are stored as the effective multiplier (gemma's 1 + w is folded in at import). A quantized teacher's
+matrices and embeddings are quant.QuantizedWeight leaves: quant.einsum / quant.take dequantize them in the trace.
 
 Attention: a forward without a cache (training, scoring) and a prefill into a cache go through
 jax.nn.dot_product_attention with a boolean mask (causal by position, padding keys out, gemma3's sliding window on
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from so8t_jax import so8t
+from so8t_jax import quant, so8t
 from so8t_jax.config import ModelConfig, set_path
 
 Params = dict[str, Any]
@@ -193,9 +194,9 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, ma
     so8t.fold_gates can fold them into o and down exactly.
     """
     h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
-    q = jnp.einsum("BTD,DQH->BTQH", h, p["q"])
-    k = jnp.einsum("BTD,DKH->BTKH", h, p["k"])
-    v = jnp.einsum("BTD,DKH->BTKH", h, p["v"])
+    q = quant.einsum("BTD,DQH->BTQH", h, p["q"])  # quant.einsum: p may hold quantized matrices (quant.py)
+    k = quant.einsum("BTD,DKH->BTKH", h, p["k"])
+    v = quant.einsum("BTD,DKH->BTKH", h, p["v"])
     if cfg.attn_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if cfg.qk_norm:
@@ -217,16 +218,16 @@ def _layer(cfg: ModelConfig, x_BxTxD, p, rope_global, rope_local, is_sliding, ma
         else:
             attn = attend(cfg, q, jax.lax.dynamic_update_slice_in_dim(k_cache, k, index, axis=1),
                           jax.lax.dynamic_update_slice_in_dim(v_cache, v, index, axis=1), mask)
-    attn_BxTxD = jnp.einsum("BTQH,QHD->BTD", attn, p["o"])
+    attn_BxTxD = quant.einsum("BTQH,QHD->BTD", attn, p["o"])
     if "attn_gate" in p:
         attn_BxTxD = so8t.apply_gate(attn_BxTxD, p["attn_gate"], alpha)
     if cfg.post_norms:
         attn_BxTxD = rms_norm(attn_BxTxD, p["post_attn_norm"], cfg.norm_eps)
     x_BxTxD = x_BxTxD + attn_BxTxD
     h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
-    gate_BxTxF = _activation(cfg, jnp.einsum("BTD,DF->BTF", h, p["gate"]))
-    up_BxTxF = jnp.einsum("BTD,DF->BTF", h, p["up"])
-    mlp_BxTxD = jnp.einsum("BTF,FD->BTD", gate_BxTxF * up_BxTxF, p["down"])
+    gate_BxTxF = _activation(cfg, quant.einsum("BTD,DF->BTF", h, p["gate"]))
+    up_BxTxF = quant.einsum("BTD,DF->BTF", h, p["up"])
+    mlp_BxTxD = quant.einsum("BTF,FD->BTD", gate_BxTxF * up_BxTxF, p["down"])
     if "mlp_gate" in p:
         mlp_BxTxD = so8t.apply_gate(mlp_BxTxD, p["mlp_gate"], alpha)
     if cfg.post_norms:
@@ -245,15 +246,15 @@ def attention_masks(cfg: ModelConfig, q_pos_BxT, k_pos_BxS, k_valid_BxS):
 
 
 def embed(params: Params, cfg: ModelConfig, tokens_BxT):
-    x = jnp.take(params["embed"], tokens_BxT, axis=0)
+    x = quant.take(params["embed"], tokens_BxT)
     if cfg.embed_scale:
         x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
     return x
 
 
 def lm_head(params: Params, cfg: ModelConfig):
-    """The output projection [D, V] (the transposed embedding when tied)."""
-    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    """The output projection [D, V] (the transposed embedding when tied), dense (a quantized one dequantized)."""
+    return quant.dequantize(params["embed"]).T if cfg.tie_embeddings else quant.dequantize(params["lm_head"])
 
 
 def remat_policy(remat: str | bool):
@@ -267,7 +268,7 @@ def remat_policy(remat: str | bool):
 
 def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None, mask_BxT=None,
             cache: KVCache | None = None, output_hidden: bool = False, logits: bool = True,
-            remat: str | bool = "none", context_len: int | None = None) -> Output:
+            remat: str | bool = "none", context_len: int | None = None, keep_Y=None) -> Output:
     """Run the decoder.
 
     positions_BxT: token positions (default 0..T-1, or cumsum(mask)-1 when a mask is given, which suits
@@ -278,7 +279,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
     "none" | "dots" (keep the projections' matmul outputs, recompute the rest) | "full" (keep nothing but
     each layer's input); False / True mean "none" / "full". context_len: the context LongRoPE decides by
     (rope_tables) without a cache; training passes its sequence length P + N, the sampler's cache capacity,
-    so on-policy samples and the trained forward use the same factors.
+    so on-policy samples and the trained forward use the same factors. keep_Y: bool [Y] (no cache), layers to
+    run; a dropped one passes its input through (select.py scores layer subsets this way, one compilation).
     """
     policy = remat_policy(remat)
     b, t = tokens_BxT.shape
@@ -310,7 +312,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
     alpha = jax.lax.stop_gradient(params["so8t_alpha"]) if so8t.has_gates(params) else None
 
     def body(x, xs):
-        p, is_sliding, layer_cache = xs
+        p, is_sliding, layer_cache, keep = xs
+        if keep is not None:
+            x = jax.lax.cond(keep, lambda x: _layer(cfg, x, p, rope_global, rope_local, is_sliding, masks, None,
+                                                    index, alpha)[0], lambda x: x, x)
+            return x, (x if output_hidden else None, None)
         x, kv = _layer(cfg, x, p, rope_global, rope_local, is_sliding, masks, layer_cache, index, alpha)
         return x, (x if output_hidden else None, kv if cache is not None else None)
 
@@ -319,7 +325,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
     layer_caches = None if cache is None else (cache.k_YxBxSxKxH, cache.v_YxBxSxKxH)
     x = embed(params, cfg, tokens_BxT)
     # a decode step scans too: unrolling it measured 2x slower on CPU and made XLA copy the whole cache
-    x, (hiddens, kvs) = jax.lax.scan(body, x, (params["layers"], sliding_Y, layer_caches))
+    x, (hiddens, kvs) = jax.lax.scan(body, x, (params["layers"], sliding_Y, layer_caches, keep_Y))
     hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
     out_logits = None
     if logits:
@@ -368,4 +374,4 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32, std: float = 0.02) -> 
 
 
 def count_params(params: Params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params, is_leaf=quant.is_quantized)))

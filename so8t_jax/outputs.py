@@ -1,18 +1,22 @@
 """What a run shows and leaves besides its checkpoints: sample completions for TensorBoard, and at the end
-the exports (HF folder, GGUF) and the teacher / before / after evaluation, recorded in the results, the
-model card and the audit log."""
+the student folder, the exports (HF folder, GGUF) and the teacher / before / after evaluation, recorded in
+the results, the model card and the audit log. Every output appears whole or not at all (a temporary name,
+then a rename), so a run killed while writing one never leaves a partial file that reads as valid."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
 
 from so8t_jax import audit, data
+from so8t_jax.checkpoint import CheckpointError
 from so8t_jax.completions import PolicyConfig
 from so8t_jax.evaluate import evaluate_run, format_table
-from so8t_jax.loading import encode_prompt
+from so8t_jax.loading import encode_prompt, save_converted
 from so8t_jax.runs import model_card, write_json, write_text
 from so8t_jax.sampling import GREEDY, bucket_length, left_pad, make_sample_fn
 from so8t_jax.weights.export import export
@@ -28,16 +32,44 @@ def samples(cfg, params, tokenizer, rows, policy: PolicyConfig) -> list[tuple[st
     return [(json.dumps(data.messages_for(r), ensure_ascii=False), t) for r, t in zip(rows, texts)]
 
 
+def save_student(cfg, params, tokenizer, out_dir: pathlib.Path, source: str) -> pathlib.Path:
+    """RUN/student as `save_converted` writes it, but whole or not at all: written in a temporary folder beside
+    it (a killed write's leftover is replaced), then renamed into place; an earlier student/ is moved aside
+    first and deleted after (a folder cannot be replaced in one rename)."""
+    out = pathlib.Path(out_dir).absolute()
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_converted(cfg, params, tokenizer, tmp, source=source)
+    except Exception as e:  # noqa: BLE001 - disk full, file too large, ...: one clear error, the old folder kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(out, e, kept=f"{out.name}/ as it was" if out.exists() else None) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def export_and_evaluate(config, run_dir: pathlib.Path, results: dict, log: audit.AuditLog) -> dict:
     """Export (HF + GGUF) and the teacher / before / after evaluation, recorded in the results, model card
     and audit log. A failure here is recorded and reported, never allowed to lose the trained student."""
     formats = [f for f in config.export.formats if f]
     if formats:
+        for stale in (run_dir / "export").glob(".*"):  # temporaries of a killed export (this run owns the folder)
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
         try:
             paths = export(run_dir / "student", run_dir / "export", formats, config.export.gguf_type)
             results["export"] = {k: str(v) for k, v in paths.items()}
             log.append(audit.EXPORT, **results["export"])
-        except (NotImplementedError, ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - unsupported config, disk full (OSError, SafetensorError), ...
             results["export"] = {"error": f"{type(e).__name__}: {e}"}
             log.append(audit.EXPORT, error=results["export"]["error"])
     if config.eval.at_end and config.data.heldout_fraction > 0:

@@ -17,6 +17,7 @@ from so8t_jax.config import ConfigError
 from so8t_jax.loading import DTYPES, Model
 from so8t_jax.objective import LossConfig, needs_heads
 from so8t_jax.optim import OptimConfig
+from so8t_jax.sharding import MESH_AXES, ParallelConfig
 
 MODES = ("single", "pmap", "mesh")
 STUDENT_INITS = ("from_teacher", "random", "path")
@@ -49,10 +50,16 @@ def check_config(config) -> None:
     need(c.parallel.mode in MODES, "parallel.mode", f"one of {MODES}")
     need(c.student.init in STUDENT_INITS, "student.init", f"one of {STUDENT_INITS}")
     need(c.student.layers >= 1, "student.layers", ">= 1")
+    need(c.student.select in ("kl", "even"), "student.select", "one of ('kl', 'even')")
+    need(c.student.select_rows >= 1 and c.student.select_len >= 2, "student.select_rows",
+         ">= 1 (and student.select_len >= 2)")
     need(c.student.init != "path" or c.student.path, "student.path", "set when student.init is 'path'")
+    need(isinstance(c.teacher.get("quantized", False), bool), "teacher.quantized", "True or False")
     for key in ("teacher.dtype", "student.dtype"):
         need(given[key] in DTYPES, key, f"one of {sorted(DTYPES)}")
     need(0.0 <= c.data.heldout_fraction < 1.0, "data.heldout_fraction", "in [0, 1)")
+    need(c.data.max_row_chars >= 1, "data.max_row_chars", ">= 1")
+    need(isinstance(c.data.skip_bad_rows, bool), "data.skip_bad_rows", "True or False")
     need(c.data.max_prompt_len <= max(c.data.prompt_buckets), "data.max_prompt_len",
          f"<= the largest prompt bucket ({max(c.data.prompt_buckets)})")
     need(c.train.steps >= 1, "train.steps", ">= 1")
@@ -75,17 +82,34 @@ def check_config(config) -> None:
         raise ConfigError(f"config: {e}") from e
     if c.teacher.path not in ("smollm2", "") and not pathlib.Path(c.teacher.path).exists():
         raise ConfigError(f"config: teacher.path {c.teacher.path!r} does not exist")
+    if c.teacher.get("quantized", False) and pathlib.Path(c.teacher.path).is_dir():
+        raise ConfigError(f"config: teacher.quantized=True keeps a GGUF file's quantized matrices packed, but "
+                          f"teacher.path {c.teacher.path!r} is a folder (dense weights): set teacher.quantized=False "
+                          f"or give a GGUF file")
     if c.student.init == "path" and not pathlib.Path(c.student.path).exists():
         raise ConfigError(f"config: student.path {c.student.path!r} does not exist")
 
 
 def check_parallel(config) -> None:
-    """Divisibility a parallel mode needs, before any model loads: the batch's rows split evenly over the
-    data-parallel devices (pmap: this host's devices; mesh: every device)."""
+    """What a parallel mode needs, before any model loads: mesh axis sizes that multiply to the device count
+    (mesh mode only), and the batch's rows split evenly over the data-parallel devices (pmap: this host's
+    devices; mesh: data x fsdp)."""
     mode = config.parallel.mode
+    parallel = ParallelConfig.of(config.parallel)
+    if mode != "mesh":
+        for axis in MESH_AXES:
+            if getattr(parallel, axis) != getattr(ParallelConfig, axis):
+                raise ConfigError(f"config: parallel.{axis} sizes a mesh axis: it needs parallel.mode=mesh, "
+                                  f"got parallel.mode={mode}")
     if mode == "single":
         return
-    n = jax.local_device_count() if mode == "pmap" else jax.device_count()
+    n = jax.local_device_count()
+    if mode == "mesh":  # the batch's rows go over data x fsdp
+        try:
+            sizes = parallel.axis_sizes(jax.device_count())
+        except ValueError as e:
+            raise ConfigError(f"config: {e}") from e
+        n = sizes["data"] * sizes["fsdp"]
     b = config.train.batch_size
     if b % n:
         raise ConfigError(f"config: train.batch_size must be a multiple of the {n} devices parallel.mode={mode} "
@@ -97,12 +121,37 @@ def write_json(path: pathlib.Path, obj) -> None:
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
-    """Atomic: a temporary file in the same folder, then rename."""
+    """Atomic: a temporary file in the same folder, flushed to disk, then renamed over `path` (a reader sees
+    the old file or the new one, never a part). A failed write (disk full, ...) leaves `path` as it was, no
+    temporary file, and raises OSError naming `path`."""
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (its pid is in the name)
+        if not _alive(stale.name[len(path.name) + 2:].split(".")[0]):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_results(run_dir, config, teacher: Model, student: Model, final_state, host, meta, heldout_after,
@@ -115,7 +164,8 @@ def write_results(run_dir, config, teacher: Model, student: Model, final_state, 
         "teacher": {"path": str(teacher.source), "params": n_t, "layers": teacher.config.n_layers,
                     "family": teacher.config.family},
         "student": {"params": n_s, "layers": student.config.n_layers, "init": config.student.init,
-                    "path": str(pathlib.Path(run_dir) / "student")},
+                    "path": str(pathlib.Path(run_dir) / "student"),
+                    "teacher_layers": host.get("student_layers")},  # the teacher layers a cut student kept
         "compression_ratio": round(n_t / n_s, 3),
         "steps": int(final_state.step), "resumed_from": resumed_from,
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
@@ -126,6 +176,7 @@ def write_results(run_dir, config, teacher: Model, student: Model, final_state, 
         "wall_time_s": round(elapsed, 2), "tokens": host["tokens"],
         "tokens_per_s": round(host["tokens"] / elapsed, 1) if elapsed > 0 else None,
         "vocab_note": vocab_note,
+        "data": host.get("data"),  # rows used and skipped (data.skip_bad_rows), with the first skipped rows' errors
         "final_metrics": host.get("last_metrics"),  # the last step's loss terms, norms, lr (and SO8T gauges)
     }
     write_text(pathlib.Path(run_dir) / "README.md", model_card(results, config))

@@ -254,6 +254,19 @@ class SnapshotKeeper:
         state, meta = self.store.restore(step, target)
         return step, state, meta
 
+    def resume_at(self, step: int, state, meta: dict) -> None:
+        """A run resumed from its checkpoint of `step` (state and meta as restored): snapshots after `step` go.
+        They belong to steps the run recomputes (bitwise the same) or to a trajectory a rollback abandoned,
+        never a state to roll back to from `step`. When no snapshot at or before `step` is left
+        (keep_snapshots pruned them), the resumed state, which was healthy when checkpointed, becomes one."""
+        self.store.discard_after(step)
+        if not self.steps():
+            self.save(step, state, meta)
+
+    def discard_uncommitted(self) -> list[str]:
+        """Remove tmp folders of killed snapshot saves (only the run owning the folder may)."""
+        return self.store.discard_uncommitted()
+
     def wait(self) -> None:
         self.store.wait()
 

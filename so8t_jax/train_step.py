@@ -77,7 +77,7 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
         source = jnp.zeros((), jnp.int32)
         if policy is not None and policy.generates:
             batch, source = mix_completions(batch, rng, state.params["student"], teacher_params, s_cfg, t_cfg,
-                                            policy, axis_name)
+                                            policy, axis_name, policy.lmbda_at(state.step, optim_cfg.total_steps))
         counts = reduce(batch_counts(batch, loss_cfg))
         grads, terms = gradients(state.params, teacher_params, batch, counts)
         # Each device's loss is its share of the global mean, so the global gradient is the SUM over devices.
@@ -85,7 +85,12 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
         new_state, metrics = update(state, grads, terms, alpha)
         if gated:
             metrics.update(gate_metrics(new_state.params["student"], alpha))
+        # the tokens this step ran through the models: the completions it trained on (generated ones
+        # included, to their stopping point), not the dataset's
+        if policy is not None:
+            metrics["lmbda"] = policy.lmbda_at(state.step, optim_cfg.total_steps)
         metrics.update(num_targets=counts["targets"], source=source.astype(jnp.float32),
+                       tokens=reduce(jnp.sum(batch["attention_mask"], dtype=jnp.float32)),
                        on_policy=(source == 1).astype(jnp.float32))
         return new_state, metrics
 

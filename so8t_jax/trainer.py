@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from so8t_jax import audit, build, data, evaluate, outputs, so8t, stability
+from so8t_jax import audit, build, data, evaluate, outputs, seqkd, so8t, stability
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.completions import PolicyConfig
-from so8t_jax.loading import Model, save_converted
+from so8t_jax.loading import Model
 from so8t_jax.objective import LossConfig, batch_counts, loss_terms
 from so8t_jax.optim import OptimConfig
-from so8t_jax.placement import Placement
+from so8t_jax.placement import ParallelConfig, Placement
 from so8t_jax.prefetch import Prefetcher
 from so8t_jax.progress import ProgressLogger
 from so8t_jax.runs import check_config, write_json, write_results
@@ -100,17 +100,17 @@ class Run:
         h = self.host
         return {"position": h["position"], "monitor": self.monitor.state_dict(), "rollback": self.rollback.state_dict(),
                 "history": h["history"], "eval": h["eval"], "tokens": h["tokens"],
-                "elapsed": h["elapsed"] + time.time() - self.start_time, "seed": self.config.seed}
+                "elapsed": h["elapsed"] + time.time() - self.start_time, "seed": self.config.seed,
+                "last_metrics": h.get("last_metrics")}
 
 
 @dataclasses.dataclass
 class Pending:
     """A dispatched step: its data position, the step number its update makes, its metrics (still on the
-    device) and the batch's token count."""
+    device; metrics["tokens"]: the tokens it trained on)."""
     pos: int
     step: int
     metrics: dict
-    tokens: int
 
 
 def train(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> dict:
@@ -155,17 +155,22 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
     resume from the latest checkpoint or record the run's start (with a step-0 snapshot)."""
     check_config(config)
     start_time = time.time()
+    rows, data_report = data.run_rows(config)  # a bad row is an error before any model loads
     teacher_path, teacher = build.load_teacher(config)
-    teacher, student, vocab_note = build.reconcile_vocab(teacher, build.make_student(config, teacher))
-    loss_cfg, policy = build.step_configs(config, teacher)
-    rows = data.load_rows(config.data.source)
+    kept = build.kept_layers(config, teacher, rows)  # student.select: kl measures which layers to keep
+    teacher, student, vocab_note = build.reconcile_vocab(teacher, build.make_student(config, teacher, kept))
+    loss_cfg, policy = build.step_configs(config, teacher, kept)
+    seq_kd: dict = {}  # the teacher's completions made once and cached (seqkd.py), then trained on as data
+    relabel = (lambda enc: seqkd.relabel(enc, teacher.params, teacher.config, policy, config.seed, pathlib.Path(
+        config.output_dir) / ".seq_kd_cache", seq_kd)) if policy.seq_kd else None
     batcher, heldout_rows, heldout_enc = data.prepare(config, rows, teacher.tokenizer, policy.max_new_tokens,
-                                                      policy.eos_ids, policy.pad_id)
+                                                      policy.eos_ids, policy.pad_id, relabel)
+    policy = seqkd.step_policy(policy) if policy.seq_kd else policy
     steps = config.train.steps if config.train.epochs <= 0 else \
         config.train.epochs * math.ceil(len(batcher) / (config.train.batch_size * config.optim.grad_accum_steps))
     optim_cfg = OptimConfig(total_steps=steps, **config.optim.to_dict())
     placement = Placement(config.parallel.mode, student.config, teacher.config, loss_cfg, optim_cfg, policy,
-                          so8t.GateConfig(**config.so8t.to_dict()), config.parallel.shard_teacher)
+                          so8t.GateConfig(**config.so8t.to_dict()), ParallelConfig.of(config.parallel))
     state = init_state(student.params, placement.optimizer, jax.random.key(config.seed), teacher.config.d_model,
                        loss_cfg)
     stab_cfg = stability.StabilityConfig(**config.stability.to_dict())
@@ -176,10 +181,11 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
               stability.RollbackPolicy(stab_cfg), Checkpointer(run_dir / "orbax", keep=config.train.keep_checkpoints),
               stability.SnapshotKeeper(run_dir / "snapshots", stab_cfg.keep_snapshots), audit.AuditLog(run_dir),
               hooks or Hooks(), start_time, vocab_note)
-    try:
+    run.host.update(data=data_report, student_layers=list(kept) if kept else None, seq_kd_cache=seq_kd or None)
+    try:  # placed first: a resume restores straight into the placement's shardings (any device count)
+        run.state, run.teacher_params = placement.to_device(run.state, run.teacher_params)
         _resume_or_start(run, data.fingerprint(rows))
         run.logger = ProgressLogger(run_dir / "tensorboard", total=steps, initial=int(run.state.step))
-        run.state, run.teacher_params = placement.to_device(run.state, run.teacher_params)
         run.dispatched = int(run.state.step)
         run.prefetch = Prefetcher(lambda pos: step_batch(run, pos), lambda pos: _following(run, pos))
     except BaseException:
@@ -192,19 +198,25 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
 
 def _resume_or_start(run: Run, data_fingerprint: str) -> None:
     config = run.config
+    run.ckpt.discard_uncommitted()  # what a killed run's saves left (this process owns the run: the audit lock)
+    run.snapshots.discard_uncommitted()
     if config.train.resume and run.ckpt.latest_step() is not None:
         run.state, m = run.ckpt.restore(target=run.state)
         run.resumed_from = int(run.state.step)
-        run.host.update({k: m[k] for k in ("position", "history", "eval", "tokens", "elapsed")})
+        run.host.update({k: m[k] for k in ("position", "history", "eval", "tokens", "elapsed", "last_metrics")
+                         if k in m})
         run.monitor.load_state_dict(m["monitor"])
         run.rollback.load_state_dict(m["rollback"])
-        run.log.append("resume", step=run.resumed_from, position=run.host["position"])
+        run.snapshots.resume_at(run.resumed_from, run.state, m)  # none newer than the checkpoint
+        run.log.append("resume", step=run.resumed_from, position=run.host["position"],
+                       digest=audit.tree_digest(run.state.params))
         return
     path = run.teacher_path
     run.log.append(audit.RUN_START, config=config.to_dict(), teacher=str(path),
                    teacher_sha256=audit.file_sha256(path) if path.is_file() else None,
-                   dataset=config.data.source, dataset_fingerprint=data_fingerprint,
-                   packages=audit.package_versions(), vocab_note=run.vocab_note)
+                   dataset=config.data.source, dataset_fingerprint=data_fingerprint, data=run.host["data"],
+                   packages=audit.package_versions(), vocab_note=run.vocab_note,
+                   student_layers=run.host["student_layers"], seq_kd_cache=run.host["seq_kd_cache"])
     run.snapshots.save(0, run.state, run.meta())
 
 
@@ -242,13 +254,13 @@ def dispatch(run: Run, pos: int) -> Pending:
     run.state, metrics = run.placement.run(run.state, run.teacher_params, {k: jnp.asarray(v) for k, v in batch.items()},
                                            jax.random.fold_in(jax.random.key(run.config.seed), pos))
     run.dispatched += 1
-    return Pending(pos, run.dispatched, metrics, int(np.sum(batch["attention_mask"])))
+    return Pending(pos, run.dispatched, metrics)
 
 
 def one_step(run: Run, pos: int) -> tuple[dict[str, float], int]:
-    """dispatch, then wait: (metrics as floats, tokens in the batch)."""
-    p = dispatch(run, pos)
-    return {k: float(v) for k, v in jax.device_get(p.metrics).items()}, p.tokens
+    """dispatch, then wait: (metrics as floats, tokens trained on)."""
+    metrics = {k: float(v) for k, v in jax.device_get(dispatch(run, pos).metrics).items()}
+    return metrics, int(metrics["tokens"])
 
 
 def sync_point(run: Run, step: int) -> bool:
@@ -265,7 +277,7 @@ def resolve(run: Run, pending: Pending) -> bool:
     metrics = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
     if not observe(run, pending.pos, metrics, pending.step):
         return False
-    record(run, metrics, pending.tokens, pending.step)
+    record(run, metrics, int(metrics["tokens"]), pending.step)
     periodic(run, pending.step)
     return True
 
@@ -297,6 +309,7 @@ def observe(run: Run, pos: int, metrics: dict[str, float], step: int | None = No
     run.monitor.load_state_dict(snap_meta["monitor"])
     run.log.append(audit.ROLLBACK, step=step, to_step=snap_step, lr_scale=decision.lr_scale, skipped_position=pos,
                    message=decision.message)
+    _save_checkpoint(run, snap_step, run.state)  # the rollback is durable: a run killed from here resumes after it
     run.logger.message(decision.message)
     return False
 
@@ -334,12 +347,17 @@ def periodic(run: Run, step: int | None = None) -> None:
             run.log.append(audit.EVAL, step=step, heldout_loss=value)
             run.ckpt.save_best(step, state, run.meta(), value)
     if step % c.train.checkpoint_every == 0 or step == run.steps:
-        _log_saved_checkpoint(run)  # waits for the previous save
-        run.ckpt.save(step, state, run.meta())
-        run.unlogged_checkpoint = {"step": step, "digest": audit.tree_digest(state.params)}
+        _save_checkpoint(run, step, state)
     if c.train.sample_every and step % c.train.sample_every == 0 and run.heldout_rows:
         run.logger.samples(step, outputs.samples(run.student.config, state.params["student"], run.teacher.tokenizer,
                                          run.heldout_rows[:2], run.policy))
+
+
+def _save_checkpoint(run: Run, step: int, state: TrainState) -> None:
+    """Start the periodic save of `state` as `step` (Orbax writes it in the background; audited once committed)."""
+    _log_saved_checkpoint(run)  # waits for the previous save
+    run.ckpt.save(step, state, run.meta())
+    run.unlogged_checkpoint = {"step": step, "digest": audit.tree_digest(state.params)}
 
 
 def _log_saved_checkpoint(run: Run) -> None:
@@ -364,8 +382,8 @@ def finish(run: Run) -> dict:
     run.snapshots.close()
     s_cfg = run.student.config
     # the gates fold into o / down at their last alpha: student/ is a plain model of its family (+ heads)
-    save_converted(s_cfg, so8t.fold_gates(s_cfg, final.params["student"]), run.teacher.tokenizer,
-                   run.run_dir / "student", source=str(run.teacher_path))
+    outputs.save_student(s_cfg, so8t.fold_gates(s_cfg, final.params["student"]), run.teacher.tokenizer,
+                         run.run_dir / "student", source=str(run.teacher_path))
     heldout_after = heldout_loss(run)
     results = write_results(run.run_dir, run.config, run.teacher, run.student, final, run.host, run.meta(),
                             heldout_after, run.resumed_from, run.rollback, run.vocab_note)

@@ -1,9 +1,11 @@
 """Audit log: each row's hash against hashlib on the documented canonical form, every kind of tampering named
 by verify, the script's exit codes and output, non-JSON-native payloads, tree_digest, a non-SQLite file."""
+import errno
 import hashlib
 import json
 import os
 import pathlib
+import re
 import sqlite3
 import subprocess
 import sys
@@ -162,3 +164,134 @@ def test_bad_files_give_clear_errors(tmp_path):
         audit.AuditLog(other)
     with pytest.raises(audit.AuditError, match="missing.sqlite.*no such audit log"):
         audit.verify(tmp_path / "missing.sqlite")
+
+
+# ------------------------------------------------------------------------------------------------ one writer
+
+WRITER = """
+import sys
+from so8t_jax import audit
+with audit.AuditLog(sys.argv[1]) as log:
+    log.append("run_start", writer="first")
+    print("open", flush=True)
+    for line in sys.stdin:  # one event per line read, until stdin closes
+        log.append("checkpoint", step=int(line))
+        print("appended", flush=True)
+"""
+
+
+def _writer(run_dir):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir)], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "open\n", proc.stderr.read()
+    return proc
+
+
+def _append(proc, step):
+    proc.stdin.write(f"{step}\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "appended\n"
+
+
+def test_a_second_writer_is_refused_and_the_chain_stays_whole(tmp_path):
+    first = _writer(tmp_path)
+    try:
+        _append(first, 1)
+        refused = f"audit log {tmp_path / audit.FILENAME} is already open for writing by pid {first.pid} on "
+        with pytest.raises(audit.AuditError, match=re.escape(refused)):  # this process
+            audit.AuditLog(tmp_path)
+        second = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path)], cwd=ROOT, input="7\n",
+                                capture_output=True, text=True, timeout=60)  # another process
+        assert second.returncode == 1 and refused in second.stderr and "open" not in second.stdout
+        _append(first, 2)
+        assert audit.verify(tmp_path) == audit.VerifyResult(True, 3, [])  # readers take no lock
+    finally:
+        first.stdin.close()
+        assert first.wait(timeout=60) == 0
+    assert [(e["kind"], e["payload"]) for e in audit.show(tmp_path)] == [
+        ("run_start", {"writer": "first"}), ("checkpoint", {"step": 1}), ("checkpoint", {"step": 2})]
+    with audit.AuditLog(tmp_path) as log:  # the first writer closed: the log is free again
+        log.append(audit.RUN_END, status="finished")
+        with pytest.raises(audit.AuditError, match=f"by pid {os.getpid()} on .* \\(this process\\)"):
+            audit.AuditLog(tmp_path)
+    assert audit.verify(tmp_path) == audit.VerifyResult(True, 4, [])
+
+
+def test_a_killed_writer_does_not_block_the_next_one(tmp_path):
+    first = _writer(tmp_path)
+    _append(first, 1)
+    first.kill()  # SIGKILL: no close, the lock file and its pid stay behind
+    first.wait(timeout=60)
+    assert (tmp_path / "audit.sqlite.lock").read_text().startswith(f"{first.pid} ")
+    with audit.AuditLog(tmp_path) as log:
+        log.append("resume", step=1)
+    assert audit.verify(tmp_path) == audit.VerifyResult(True, 3, [])
+    assert [e["kind"] for e in audit.show(tmp_path)] == ["run_start", "checkpoint", "resume"]
+
+
+def test_a_file_system_without_flock_warns_and_still_logs(tmp_path, monkeypatch):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(audit.fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="cannot lock the audit log .*No locks available"):
+        log = audit.AuditLog(tmp_path)
+    log.append(audit.RUN_START)
+    log.close()
+    assert audit.verify(tmp_path) == audit.VerifyResult(True, 1, [])
+    monkeypatch.setattr(audit.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # any other failure is not hidden
+        audit.AuditLog(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ damaged files
+
+
+@pytest.fixture(scope="module")
+def big_log(tmp_path_factory):
+    """An audit log of several 4 KiB pages, and its bytes."""
+    run_dir = tmp_path_factory.mktemp("big")
+    with audit.AuditLog(run_dir) as log:
+        for i in range(80):
+            log.append(audit.CHECKPOINT, step=i, digest="ab" * 32, note="x" * 500)
+    db = run_dir / audit.FILENAME
+    page = int.from_bytes(db.read_bytes()[16:18], "big")
+    assert page == 4096 and db.stat().st_size >= 12 * page
+    return db.read_bytes()
+
+
+@pytest.mark.parametrize("cut", [0, 10, 99, 100, 1000, 4096, 3 * 4096 + 7, -4096, -1])
+def test_verify_reports_a_truncated_file(big_log, tmp_path, cut):
+    db = tmp_path / "audit.sqlite"
+    db.write_bytes(big_log[:cut])
+    result = audit.verify(db)
+    size = len(big_log[:cut])
+    want = (f"{db}: truncated: {size} bytes, shorter than an SQLite header (100 bytes)" if size < 100 else
+            f"{db}: truncated: {size} bytes, but its header records {len(big_log) // 4096} pages of 4096 bytes "
+            f"({len(big_log)} bytes)")
+    assert not result.ok and result.problems[0] == want, result.problems
+
+
+@pytest.mark.parametrize("page", [2, 3, 6, -1])
+def test_verify_reports_an_overwritten_page(big_log, tmp_path, page):
+    db, n = tmp_path / "audit.sqlite", len(big_log) // 4096
+    page = page % (n + 1)
+    db.write_bytes(big_log[:(page - 1) * 4096] + bytes(4096) + big_log[page * 4096:])
+    result = audit.verify(db)
+    assert not result.ok and result.problems[0].startswith(f"{db}: damaged: SQLite's integrity check says: ")
+    with pytest.raises(audit.AuditError, match=f"{db}: the audit log is damaged"):
+        audit.show(db)
+
+
+def test_a_zeroed_first_page_and_the_script_on_a_damaged_file(big_log, tmp_path):
+    db = tmp_path / "audit.sqlite"
+    db.write_bytes(bytes(4096) + big_log[4096:])
+    with pytest.raises(audit.AuditError, match="not an SQLite audit log .no SQLite header: some other file, or its "
+                                               "first page was overwritten"):
+        audit.verify(db)
+    script = [sys.executable, str(ROOT / "scripts" / "audit.py"), "verify", str(db)]
+    zeroed = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    db.write_bytes(big_log[:5000])
+    cut = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert zeroed.returncode == 2 and zeroed.stderr.startswith(f"error: {db}: not an SQLite audit log")
+    assert cut.returncode == 1 and cut.stdout.startswith(f"{db}: truncated: 5000 bytes")
+    assert cut.stdout.splitlines()[-1].startswith("FAILED: 0 events")

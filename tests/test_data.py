@@ -121,7 +121,7 @@ def test_malformed_row_names_file_row_and_problem(tmp_path, case):
     path = _write(tmp_path, "jsonl", [GOOD, GOOD, GOOD, bad, GOOD])
     with pytest.raises(DataError) as err:
         load_rows(str(path))
-    assert str(err.value).startswith(f"{path} row 3: ")
+    assert str(err.value).startswith(f"{path} line 4 (row 3): ")  # the 1-based line, the 0-based row
     assert problem in str(err.value)
 
 
@@ -334,3 +334,22 @@ def test_fingerprint_split_heldout_and_messages_for():
     assert len(split_heldout(rows[:3], 0.01, seed=0)[1]) == 1
     assert messages_for(Row("hi", None)) == [{"role": "user", "content": "hi"}]
     assert messages_for("hi") == messages_for(Row("hi", None)) and messages_for(Row(None, "t")) == []
+
+
+@pytest.mark.parametrize("policy", [{"lmbda": 0.5}, {"seq_kd": True}])
+def test_text_rows_cannot_feed_generated_completions(tmp_path, policy):
+    """{"text"} rows have no prompt to sample a completion from: with lmbda > 0 or seq_kd that is a DataError
+    before any model loads; offline (lmbda 0, no seq_kd) they train as documents."""
+    from so8t_jax import data
+    from so8t_jax.defaults import get_config
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"prompt": "Hi", "completion": "Hello"}\n{"text": "A document."}\n{"text": "Another."}\n')
+    c = get_config()
+    c.data.source = str(path)
+    for key, value in policy.items():
+        setattr(c.policy, key, value)
+    with pytest.raises(DataError, match=r"mixed.jsonl: 2 of 3 rows are \{\"text\"\} rows without a prompt"):
+        data.run_rows(c)
+    c.policy.lmbda, c.policy.seq_kd = 0.0, False
+    rows, report = data.run_rows(c)
+    assert [r.prompt for r in rows] == ["Hi", None, None] and report["rows"] == 3

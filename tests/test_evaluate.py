@@ -274,3 +274,23 @@ def test_evaluate_run_and_script_on_a_tiny_run(teacher_gguf, tmp_path):
     assert [line.split()[0] for line in lines[header + 2:header + 5]] == ["teacher", "before", "after"]
     assert json.loads((run / "evaluation/metrics.json").read_text())["counts"]["rows"] == 2
     assert not list((run / "evaluation").glob("*.tmp"))
+
+    # any dataset file: its rows (not the held-out split), GSM8K-style prompt / completion / answer rows
+    eval_file = tmp_path / "other.jsonl"
+    eval_file.write_text("\n".join(json.dumps({"prompt": f"What is {a} plus {b}?", "completion":
+                                               f"{a} + {b} = {a + b}\n#### {a + b}", "answer": str(a + b)})
+                                   for a, b in [(2, 3), (10, 7), (4, 4)]) + "\n")
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), str(run), "--data", str(eval_file),
+                          "--rows", "2"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    other = json.loads((run / "evaluation/other/metrics.json").read_text())
+    assert other["data"]["source"] == str(eval_file) and other["counts"]["rows"] == 2
+    assert other["counts"]["rows_with_answer"] == 2
+    assert [s["prompt"] for s in other["samples"]] == ["What is 2 plus 3?", "What is 10 plus 7?"]
+    assert other["models"]["teacher"]["kl"] == 0.0 and other["models"]["after"]["kl"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "completion": "fine"}\n{"prompt": 3}\n')
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), str(run), "--data", str(bad)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and "bad.jsonl line 2" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import so8t_jax
-from so8t_jax.weights.export import export_gguf, export_hf
+from so8t_jax.weights.export import export_gguf, export_hf, unsupported
 from so8t_jax.weights.gguf import GGUFFile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -144,6 +144,9 @@ def test_unrepresentable_input_raises_before_writing(tmp_path):
         export_hf(odd, m.params, None, tmp_path / "odd")
     with pytest.raises(NotImplementedError, match="qk_norm"):
         export_gguf(m.config.replace(qk_norm=True), m.params, None, tmp_path / "odd.gguf")
+    # the same reasons, asked before training (build.make_student turns them into a ConfigError)
+    assert "rope_factors_short" in unsupported(odd) and "qk_norm" in unsupported(m.config.replace(qk_norm=True))
+    assert unsupported(m.config) is None
     from tokenizers import Tokenizer, models, pre_tokenizers
     sp = Tokenizer(models.BPE({"<unk>": 0, "▁a": 1, "▁": 2, "a": 3}, [("▁", "a")], unk_token="<unk>"))
     sp.pre_tokenizer = pre_tokenizers.Metaspace()

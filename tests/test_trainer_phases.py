@@ -28,6 +28,11 @@ def test_setup_builds_the_run_and_records_its_start(tiny_teacher, tmp_path):
     run = tr.setup(_config(tiny_teacher, tmp_path))
     assert run.steps == 3 and run.step == 0 and run.host["position"] == 0 and run.resumed_from is None
     assert run.student.config.n_layers == 2 and run.teacher.config.n_layers == 3
+    # the student holds the teacher layers student.select (kl) chose: hidden terms pair them so
+    kept = run.host["student_layers"]
+    assert len(kept) == 2 and run.loss_cfg.layer_map == tuple(enumerate(kept))
+    teacher_q = np.asarray(run.teacher.params["layers"]["q"])
+    np.testing.assert_array_equal(run.student.params["layers"]["q"], teacher_q[kept])
     assert set(run.state.params) == {"student"}
     assert run.policy.eos_ids and run.policy.pad_id >= 0
     assert [e["kind"] for e in audit.show(run.run_dir)] == ["run_start"]
@@ -120,3 +125,16 @@ def test_finish_writes_student_and_results(tiny_teacher, tmp_path):
     assert results["steps"] == 1 and results["loss"]["last"] == metrics["loss"]
     assert (run.run_dir / "student/so8t_config.json").exists() and (run.run_dir / "README.md").exists()
     assert [e["kind"] for e in audit.show(run.run_dir)][-1] == "run_end" and audit.verify(run.run_dir).ok
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_tokens_are_the_ones_trained_on(tiny_teacher, tmp_path, lmbda):
+    """tokens (tokens/s, results) count the prompt plus the completion each step trained on: the dataset's
+    (lmbda 0) or the student's own samples to where they stopped (lmbda 1), not the dataset's lengths."""
+    run = tr.setup(_config(tiny_teacher, tmp_path, **{"policy.lmbda": lmbda}))
+    batch = tr.step_batch(run, 0)
+    metrics, tokens = tr.one_step(run, 0)
+    assert tokens == int(batch["prompt_mask"].sum()) + int(metrics["num_targets"])
+    if lmbda == 0.0:
+        assert tokens == int(batch["attention_mask"].sum())
+    run.logger.close()

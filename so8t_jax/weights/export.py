@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from so8t_jax import so8t
 from so8t_jax.config import ModelConfig
-from so8t_jax.weights import names
+from so8t_jax.weights import gguf_vocab, names
 from so8t_jax.weights.hf import llama3_factors
 
 _HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
@@ -33,13 +33,6 @@ _HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "Mist
             "phi3": ("phi3", "Phi3ForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 _FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 _FILE_TYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
-# llama.cpp's pre-tokenizer names for the split regexes transformers' GGUF loader knows (tokenizer.json spelling)
-_SPLITS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
-    r"|\s+": "llama-bpe",
-}
 
 
 # ------------------------------------------------------------------------------------------------ shared
@@ -63,6 +56,18 @@ def _check_supported(cfg: ModelConfig) -> None:
     if bad:
         raise NotImplementedError(f"cannot export this {cfg.family} model: {', '.join(bad)} has no {cfg.family} "
                                   f"equivalent in the HF or GGUF formats")
+
+
+def unsupported(cfg: ModelConfig) -> str | None:
+    """Why a model of this config cannot be exported to the HF / GGUF formats, or None: the check a run makes
+    on its student before training (never a NotImplementedError after hours of it)."""
+    try:
+        _check_supported(cfg)
+        if _rope_kind(cfg) == "llama3":
+            llama3_rope_scaling(cfg)
+    except NotImplementedError as e:
+        return str(e)
+    return None
 
 
 def _fold_query_scale(cfg: ModelConfig, params: dict, target: float) -> tuple[ModelConfig, dict]:
@@ -268,59 +273,6 @@ def _gguf_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, kind: str, qtype: str) -
             w.add_sliding_window_pattern(list(cfg.is_sliding))
 
 
-def _pre_tokenizer_name(spec: dict) -> str:
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") in _SPLITS \
-            and not steps[1].get("use_regex", True):
-        return _SPLITS[steps[0]["pattern"]["Regex"]]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    raise NotImplementedError(f"export_gguf: no llama.cpp pre-tokenizer name is known for {json.dumps(pre)[:300]}")
-
-
-def _gguf_tokenizer(w: gguf.GGUFWriter, cfg: ModelConfig, tokenizer) -> None:
-    """tokenizer.ggml.* as the converter's _set_vocab_gpt2 writes them, from a transformers fast tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's tokenizer.json
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    if spec.get("model", {}).get("type") != "BPE" or '"ByteLevel"' not in json.dumps(spec.get("pre_tokenizer")):
-        raise NotImplementedError("export_gguf: only byte-level BPE tokenizers (GGUF tokenizer.ggml.model 'gpt2') "
-                                  "are exported; SentencePiece-style ('llama') tokenizers are not. Pass "
-                                  "tokenizer=None, or run llama.cpp's convert_hf_to_gguf.py on the HF export")
-    pre = _pre_tokenizer_name(spec)
-    vocab, added = tokenizer.get_vocab(), tokenizer.added_tokens_decoder
-    if max(vocab.values()) >= cfg.vocab_size:
-        raise ValueError(f"export_gguf: the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
-                         f"is {cfg.vocab_size}")
-    reverse = {i: t for t, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(cfg.vocab_size):
-        tokens.append(reverse.get(i, f"[PAD{i}]"))
-        types.append(gguf.TokenType.UNUSED if i not in reverse else gguf.TokenType.NORMAL if i not in added
-                     else gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    eos = list(cfg.eos_token_ids) or [tokenizer.eos_token_id]
-    eos.sort(key=lambda e: e != tokenizer.eos_token_id)  # the tokenizer's own EOS first, then EOT
-    special = {"bos": cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id,
-               "eos": eos[0], "eot": eos[1] if len(eos) > 1 else None, "unk": tokenizer.unk_token_id,
-               "pad": cfg.pad_token_id if cfg.pad_token_id is not None else tokenizer.pad_token_id}
-    for name, token_id in special.items():
-        if token_id is not None:
-            getattr(w, f"add_{name}_token_id")(int(token_id))
-    ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-    w.add_add_bos_token(special["bos"] is not None and ids[:1] == [special["bos"]])
-    w.add_add_eos_token(ids[-1:] == [tokenizer.eos_token_id] and len(ids) > 1)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        w.add_chat_template(tokenizer.chat_template)
-
-
 def export_gguf(cfg: ModelConfig, params: dict, tokenizer, out_path, qtype: str = "F32",
                 name: str | None = None) -> pathlib.Path:
     """A GGUF file in llama.cpp's layout, quantized like a "pure" llama-quantize file: 1-D tensors F32, every
@@ -340,10 +292,12 @@ def export_gguf(cfg: ModelConfig, params: dict, tokenizer, out_path, qtype: str 
     writer = gguf.GGUFWriter(str(tmp), names.GGUF_ARCH[cfg.family])
     try:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or out.stem)
+        # llama.cpp applies phi3's rstrip of its chat markers only when general.name says phi3; not "mistral"
+        # for mistral: transformers' GGUF reader would take that name for an architecture gguf-py lacks
+        writer.add_name(name or (f"{out.stem} phi3" if cfg.family == "phi3" else out.stem))
         _gguf_hparams(writer, cfg, kind, qtype)
         if tokenizer is not None:
-            _gguf_tokenizer(writer, cfg, tokenizer)
+            gguf_vocab.add_tokenizer(writer, cfg, tokenizer)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         extra = []
         if kind == "llama3":

@@ -1,12 +1,14 @@
 """GGUF (llama.cpp) files -> ModelConfig + params, with gguf's own dequantizers.
 
 The header is walked here with bounds checks on every length, count and offset before any tensor data is
-touched: gguf.GGUFReader trusts the file (a corrupt count makes it loop or allocate) and spends seconds
-building numpy views of a 49k-entry vocabulary. Tensor data is then memory-mapped and dequantized with
-gguf.quants, tensor by tensor (on threads, in common.assemble).
+touched, and a file llama.cpp's own reader refuses is refused (GGUFFile; gguf_checks bounds the metadata):
+gguf.GGUFReader trusts the file (a corrupt count makes it loop or allocate) and spends seconds building numpy
+views of a 49k-entry vocabulary. Tensor data is then memory-mapped and dequantized with gguf.quants, tensor by
+tensor (on threads, in common.assemble), and a tensor holding NaN or inf is refused unless allow_nonfinite.
 """
 from __future__ import annotations
 
+import math
 import pathlib
 import struct
 from typing import Any
@@ -16,31 +18,45 @@ import jax.numpy as jnp
 import numpy as np
 
 from so8t_jax.config import ConfigError, ModelConfig
-from so8t_jax.weights import common, names
+from so8t_jax.weights import common, gguf_checks, names
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-_MAX_DIMS = 4
+# llama.cpp's limits (ggml/src/gguf.cpp, ggml.h)
+_MAX_DIMS = 4                        # GGML_MAX_DIMS
+_MAX_NAME = 63                       # GGML_MAX_NAME - 1: bytes in a tensor name
+_MAX_STRING = _MAX_ARRAY = 1 << 30   # GGUF_MAX_STRING_LENGTH, GGUF_MAX_ARRAY_ELEMENTS
+_INT64_MAX = (1 << 63) - 1
 
 
 class _Cursor:
+    """Little-endian fields of a buffer, each bounds-checked against the file's size before it is read."""
+
     def __init__(self, path, buf):
         self.path, self.buf, self.pos, self.size = path, buf, 0, len(buf)
 
-    def take(self, n: int, what: str) -> int:
+    def fail(self, problem: str):
+        raise common.WeightsError(self.path, problem)
+
+    def room(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise common.WeightsError(self.path, f"truncated file: {what} at byte {self.pos} needs {n} bytes, "
-                                                 f"file has {self.size}")
+            self.fail(f"truncated file: {what} at byte {self.pos} needs {n} bytes, file has {self.size}")
+
+    def take(self, n: int, what: str) -> int:
+        self.room(n, what)
         start, self.pos = self.pos, self.pos + n
         return start
 
     def scalar(self, fmt: str, what: str):
         return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int = _MAX_STRING) -> str:
+        at = self.pos
         n = self.scalar("<Q", what)
         start = self.take(n, what)
+        if n > limit:
+            self.fail(f"{what} at byte {at} is {n} bytes long; llama.cpp allows at most {limit}")
         return bytes(self.buf[start:start + n]).decode("utf-8", errors="replace")
 
     def value(self, vtype: int, what: str, keep_arrays: bool) -> Any:
@@ -49,23 +65,38 @@ class _Cursor:
         if vtype == _STRING:
             return self.string(what)
         if vtype != _ARRAY:
-            raise common.WeightsError(self.path, f"metadata {what!r} has unknown value type {vtype}")
+            self.fail(f"metadata {what!r} has unknown value type {vtype}")
         itype, count = self.scalar("<I", what), self.scalar("<Q", what)
-        if itype in _SCALARS:  # fixed-size items: bounds-check the whole array at once, no per-item loop
-            size = struct.calcsize(_SCALARS[itype])
-            start = self.take(count * size, what)
+        if itype not in _SCALARS and itype != _STRING:
+            self.fail(f"metadata {what!r}: arrays of type {itype} are not supported")
+        # fixed-size items: the whole array; strings: at least their 8-byte lengths. Either way a count the file
+        # cannot hold stops here, before any loop over it.
+        self.room(count * (struct.calcsize(_SCALARS[itype]) if itype in _SCALARS else 8), what)
+        if count > _MAX_ARRAY:
+            self.fail(f"metadata {what!r} is an array of {count} items; llama.cpp allows at most {_MAX_ARRAY}")
+        if itype in _SCALARS:  # no per-item loop
+            start = self.take(count * struct.calcsize(_SCALARS[itype]), what)
             return np.frombuffer(self.buf, _SCALARS[itype], count, start) if keep_arrays else count
-        if itype == _STRING:
-            items = [self.string(what) for _ in range(count)] if keep_arrays else None
-            if not keep_arrays:
-                for _ in range(count):
-                    self.take(self.scalar("<Q", what), what)
-            return items if keep_arrays else count
-        raise common.WeightsError(self.path, f"metadata {what!r}: arrays of type {itype} are not supported")
+        if keep_arrays:
+            return [self.string(what) for _ in range(count)]
+        for _ in range(count):
+            self.take(self.scalar("<Q", what), what)
+        return count
 
 
 class GGUFFile:
-    """Validated header of a GGUF file: `metadata` (small values; token lists as counts) and `tensors`."""
+    """Validated header of a GGUF file: `metadata` (small values; token lists as counts), `value_types` (each
+    metadata value's GGUF type), `tensors` (name -> (type, HF-layout shape, start byte, size in bytes)).
+
+    A file llama.cpp's gguf reader (ggml/src/gguf.cpp) refuses is refused here, with a WeightsError naming the
+    file and the problem: a bad magic or version; a count, string or array the file cannot hold or over
+    llama.cpp's limits; an empty or repeated metadata key; general.alignment not a uint32 power of two; a tensor
+    name over 63 bytes or repeated; other than 1 to 4 dims, a dim < 1, more elements than int64 counts; an
+    unknown type or a row that is not a whole number of its blocks; and in the data section, a tensor that does
+    not start exactly where the previous one's data, padded to the alignment, ends (so: aligned, in tensor-info
+    order, no gaps, no overlaps) or that ends past the end of the file. Stricter than llama.cpp: 0-dim and empty
+    tensors, types gguf cannot dequantize and bytes after the last tensor's padded data are refused too.
+    """
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
@@ -81,48 +112,91 @@ class GGUFFile:
         if version not in (2, 3):
             raise common.WeightsError(self.path, f"unsupported GGUF version {version}")
         n_tensors, n_kv = cur.scalar("<Q", "tensor count"), cur.scalar("<Q", "metadata count")
-        if n_tensors > cur.size // 24 or n_kv > cur.size // 12:  # each entry needs at least that many bytes
+        if n_tensors > cur.size // 32 or n_kv > cur.size // 14:  # the least bytes a tensor info / metadata entry takes
             raise common.WeightsError(self.path, f"truncated or corrupt header: {n_tensors} tensors / {n_kv} metadata "
                                                  f"entries cannot fit in {cur.size} bytes")
         self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, int] = {}
         for _ in range(n_kv):
-            key = cur.string("metadata key")
-            vtype = cur.scalar("<I", key)
-            self.metadata[key] = cur.value(vtype, key, keep_arrays=not key.startswith("tokenizer.ggml."))
+            self._key_value(cur)
+        self.alignment = self._alignment(cur)
+        seen: dict[str, int] = {}
+        infos = [self._tensor_info(cur, i, seen) for i in range(n_tensors)]
+        self.data_start = -(-cur.pos // self.alignment) * self.alignment
         self.tensors: dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...], int, int]] = {}
-        infos = []
-        for _ in range(n_tensors):
-            name = cur.string("tensor name")
-            n_dims = cur.scalar("<I", name)
-            if not 1 <= n_dims <= _MAX_DIMS:
-                raise common.WeightsError(self.path, f"tensor {name!r} has {n_dims} dimensions")
-            dims = [cur.scalar("<Q", name) for _ in range(n_dims)]
-            raw_type, offset = cur.scalar("<I", name), cur.scalar("<Q", name)
-            infos.append((name, dims, raw_type, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
+        self._layout(cur, infos)
+
+    def _key_value(self, cur: _Cursor) -> None:
+        at = cur.pos
+        key = cur.string("metadata key")
+        if not key:
+            cur.fail(f"empty metadata key at byte {at}")
+        if key in self.metadata:
+            cur.fail(f"duplicate metadata key {key!r} (again at byte {at})")
+        vtype = self.value_types[key] = cur.scalar("<I", key)
+        self.metadata[key] = cur.value(vtype, key, keep_arrays=not key.startswith("tokenizer.ggml."))
+
+    def _alignment(self, cur: _Cursor) -> int:
+        if "general.alignment" not in self.metadata:
+            return 32
+        if self.value_types["general.alignment"] != 4:
+            cur.fail(f"general.alignment has GGUF value type {self.value_types['general.alignment']}; llama.cpp "
+                     f"requires uint32 (4)")
+        alignment = int(self.metadata["general.alignment"])
         if alignment <= 0 or alignment & (alignment - 1):
-            raise common.WeightsError(self.path, f"general.alignment {alignment} is not a power of two")
-        data_start = -(-cur.pos // alignment) * alignment
-        for name, dims, raw_type, offset in infos:
-            try:
-                qtype = gguf.GGMLQuantizationType(raw_type)
-            except ValueError:
-                raise common.WeightsError(self.path, f"tensor {name!r} has unknown tensor type {raw_type}") \
-                    from None
-            if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
-                    and qtype not in gguf.quants._type_traits:
-                raise common.WeightsError(self.path, f"tensor {name!r} has type {qtype.name}, which gguf "
-                                                     f"cannot dequantize")
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            if any(d <= 0 for d in dims) or dims[0] % block:
-                raise common.WeightsError(self.path, f"tensor {name!r} dims {dims} do not fit {qtype.name} "
-                                                     f"blocks of {block}")
-            n_bytes = int(np.prod(dims, dtype=object)) // block * type_size
-            start = data_start + offset
+            cur.fail(f"general.alignment {alignment} is not a power of two")
+        return alignment
+
+    def _tensor_info(self, cur: _Cursor, i: int, seen: dict[str, int]) -> tuple:
+        name = cur.string(f"tensor name {i}", limit=_MAX_NAME)
+        if name in seen:
+            cur.fail(f"duplicate tensor name {name!r} (tensor infos {seen[name]} and {i})")
+        seen[name] = i
+        n_dims = cur.scalar("<I", name)
+        if not 1 <= n_dims <= _MAX_DIMS:
+            cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
+        dims = [cur.scalar("<Q", name) for _ in range(n_dims)]
+        raw_type, offset = cur.scalar("<I", name), cur.scalar("<Q", name)
+        if not all(0 < d <= _INT64_MAX for d in dims):
+            cur.fail(f"tensor {name!r} has dims {dims}: each must be at least 1 and below 2^63")
+        n_elements = math.prod(dims)
+        if n_elements > _INT64_MAX:
+            cur.fail(f"tensor {name!r} with dims {dims} has {n_elements} elements, more than int64 counts")
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+        except ValueError:
+            cur.fail(f"tensor {name!r} has unknown tensor type {raw_type}")
+        if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
+                and qtype not in gguf.quants._type_traits:
+            cur.fail(f"tensor {name!r} has type {qtype.name}, which gguf cannot dequantize")
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if dims[0] % block:
+            cur.fail(f"tensor {name!r} of type {qtype.name} has rows of {dims[0]} elements, not a multiple of its "
+                     f"block size {block}")
+        return name, qtype, dims, offset, n_elements // block * type_size
+
+    def _layout(self, cur: _Cursor, infos: list[tuple]) -> None:
+        """llama.cpp's data-section rule: tensor i starts at the sum of the sizes of tensors 0..i-1, each padded
+        to the alignment; all of it inside the file, and (ours) nothing after the last tensor's padded data."""
+        expected = 0
+        for name, qtype, dims, offset, n_bytes in infos:
+            start = self.data_start + offset
             if start + n_bytes > cur.size:
-                raise common.WeightsError(self.path, f"tensor {name!r} ({n_bytes} bytes at offset {start}) "
-                                                     f"points past the end of the file ({cur.size} bytes)")
+                cur.fail(f"tensor {name!r} ({n_bytes} bytes at offset {start}) points past the end of the file "
+                         f"({cur.size} bytes)")
+            if offset % self.alignment:
+                cur.fail(f"tensor {name!r} has offset {offset}, not a multiple of general.alignment {self.alignment}")
+            if offset != expected:
+                how = f"leaves a gap of {offset - expected} bytes" if offset > expected else \
+                    f"overlaps the previous tensor's padded data by {expected - offset} bytes"
+                cur.fail(f"tensor {name!r} has offset {offset} but must start at {expected}, where the data of the "
+                         f"tensors listed before it ends (padded to {self.alignment}): it {how}")
+            expected += -(-n_bytes // self.alignment) * self.alignment
             self.tensors[name] = (qtype, tuple(reversed(dims)), start, n_bytes)
+        end = self.data_start + expected
+        if infos and cur.size > end:
+            cur.fail(f"{cur.size - end} bytes after the data section: the tensors' padded data ends at byte {end}, "
+                     f"the file at byte {cur.size}")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: t[1] for name, t in self.tensors.items()}
@@ -215,15 +289,20 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict, GGUFFile]:
+def load_gguf(path, dtype=jnp.float32, allow_nonfinite: bool = False,
+              shardings=None) -> tuple[ModelConfig, dict, GGUFFile]:
     f = GGUFFile(path)
+    gguf_checks.check_metadata(f)
     cfg = config_from_gguf(f)
     common.check_tensors(f.path, cfg, names.GGUF, f.shapes())
 
     def read(name):
-        w = f.read(name)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / inf from corrupt scales: check_finite names them
+            w = f.read(name)
         if names.gguf_permutes_qk(cfg.family) and name.endswith(("attn_q.weight", "attn_k.weight")):
             w = unpermute_qk(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
+        if not allow_nonfinite:
+            common.check_finite(f.path, name, w)
         return w
 
-    return cfg, common.assemble(cfg, names.GGUF, read, dtype), f
+    return cfg, common.assemble(cfg, names.GGUF, read, dtype, shardings), f

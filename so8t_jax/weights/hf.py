@@ -132,7 +132,7 @@ def _shard_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def load_hf(folder, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
+def load_hf(folder, dtype=jnp.float32, allow_nonfinite: bool = False, shardings=None) -> tuple[ModelConfig, dict]:
     folder = pathlib.Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -163,6 +163,9 @@ def load_hf(folder, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     common.check_tensors(folder, cfg, names.HF, shapes)
 
     def read(name):
-        return handles[location[name]].get_tensor(name).astype(np.float32)
+        w = handles[location[name]].get_tensor(name).astype(np.float32)
+        if not allow_nonfinite:
+            common.check_finite(location[name], name, w)
+        return w
 
-    return cfg, common.assemble(cfg, names.HF, read, dtype)
+    return cfg, common.assemble(cfg, names.HF, read, dtype, shardings)

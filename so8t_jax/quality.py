@@ -1,0 +1,154 @@
+"""The quality table: students trained at equal steps and tokens by different recipes, each evaluated (teacher /
+before / after) on prompts from a source other than the training prompts; docs/RESULTS.md is written from it.
+
+    python scripts/quality.py --budget cpu --eval-data ../shared/data/gsm8k_train.jsonl
+
+Recipes (all from configs/gkd.py's teacher, student and data, differing only in where completions come from):
+kd (offline: the dataset's completions, forward KL), gkd (JSD beta 0.5 with the lmbda schedule: offline first,
+then half on-policy), on_policy (lmbda 1 from the start), seq_kd (the teacher's cached completions). "Gap closed"
+is the fraction of the before -> teacher distance the training covered: KL (teacher 0), top-1 (teacher 1),
+greedy-match (the teacher's own completion length would be a full match; reported as tokens).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import numpy as np
+
+from so8t_jax import data, evaluate, runs, trainer
+from so8t_jax.config import set_path
+from so8t_jax.defaults import get_config
+
+RECIPES = {
+    "kd": {"loss.divergence": "forward_kl", "policy.lmbda": 0.0, "policy.seq_kd": False},
+    "gkd": {"loss.divergence": "jsd", "loss.jsd_beta": 0.5, "policy.lmbda": 0.5, "policy.lmbda_schedule": "linear",
+            "policy.lmbda_start": 0.0, "policy.lmbda_ramp": 0.5, "policy.seq_kd": False},
+    "on_policy": {"loss.divergence": "jsd", "loss.jsd_beta": 0.5, "policy.lmbda": 1.0, "policy.seq_kd": False},
+    "seq_kd": {"loss.divergence": "forward_kl", "policy.lmbda": 0.0, "policy.seq_kd": True},
+}
+# per budget: config overrides shared by every recipe, and evaluation rows
+BUDGETS = {
+    "smoke": ({"student.layers": 2, "data.source": "builtin:diverse:24", "train.steps": 2, "train.batch_size": 4,
+               "policy.max_new_tokens": 8, "data.max_prompt_len": 64, "data.prompt_buckets": (64,),
+               "student.select_rows": 2, "student.select_len": 16}, 4),
+    "cpu": ({"train.steps": 150, "train.batch_size": 8, "policy.max_new_tokens": 64, "data.max_prompt_len": 96,
+             "data.prompt_buckets": (32, 64, 96), "optim.learning_rate": 1e-4, "optim.warmup_steps": 10}, 64),
+    "gpu": ({"train.steps": 2000, "train.batch_size": 32, "policy.max_new_tokens": 128,
+             "data.source": "builtin:diverse:8192", "train.compute_dtype": "bfloat16", "teacher.dtype": "bfloat16",
+             "train.remat": "dots", "optim.learning_rate": 1e-4}, 256),
+}
+
+
+def gsm8k_rows(path, out_path) -> pathlib.Path:
+    """A GSM8K-style file ({"question", "answer"} with the final number after ####) as TRL prompt / completion
+    rows with the final answer (what evaluation scores task accuracy on); other files pass through."""
+    path, out_path = pathlib.Path(path), pathlib.Path(out_path)
+    first = path.open(encoding="utf-8").readline()
+    try:
+        if not {"question", "answer"} <= set(json.loads(first)):
+            return path
+    except ValueError:
+        return path
+    lines = []
+    for line in path.open(encoding="utf-8"):
+        if line.strip():
+            r = json.loads(line)
+            lines.append(json.dumps({"prompt": r["question"], "completion": r["answer"],
+                                     "answer": r["answer"].rsplit("####", 1)[-1].strip()}, ensure_ascii=False))
+    runs.write_text(out_path, "\n".join(lines) + "\n")
+    return out_path
+
+
+def recipe_config(base, recipe: str, budget: str, out_dir, seed: int = 0):
+    c = get_config() if base is None else base
+    for key, value in {**BUDGETS[budget][0], **RECIPES[recipe]}.items():
+        set_path(c, key, value)
+    c.run_name, c.output_dir, c.seed = f"quality-{budget}-{recipe}", str(out_dir), seed
+    c.eval.at_end, c.export.formats = False, ()
+    c.train.sample_every = 0
+    return c
+
+
+def gap_closed(before: float, after: float, teacher: float) -> float | None:
+    span = teacher - before
+    return None if abs(span) < 1e-12 else (after - before) / span
+
+
+def run_quality(budget: str, eval_data, out_dir, recipes=tuple(RECIPES), base_config=None,
+                eval_rows: int | None = None) -> dict:
+    """Train each recipe, evaluate teacher / before / after on eval_data; returns (and writes out_dir/
+    quality.json) {"budget", "eval_data", "recipes": {name: {"metrics": {...}, "gap": {...}, "train_s"}}}."""
+    out_dir = pathlib.Path(out_dir)
+    eval_path = gsm8k_rows(eval_data, out_dir / "eval_rows.jsonl")
+    data.load_rows(str(eval_path))  # a bad evaluation file fails here, not after the first student's training
+    n_eval = eval_rows or BUDGETS[budget][1]
+    table = {"budget": budget, "eval_data": str(eval_data), "eval_rows": n_eval, "recipes": {}}
+    for name in recipes:
+        config = recipe_config(base_config.copy_and_resolve_references() if base_config else None, name, budget,
+                               out_dir)
+        start = time.time()
+        result = trainer.train(config)
+        train_s = time.time() - start
+        m = evaluate.evaluate_run(pathlib.Path(config.output_dir) / config.run_name, n_rows=n_eval,
+                                  data_source=str(eval_path))["models"]
+        t, b, a = m["teacher"], m["before"], m["after"]
+        table["recipes"][name] = {
+            "metrics": m, "train_s": round(train_s, 1), "steps": result["steps"], "tokens": result["tokens"],
+            "student_layers": result["student"].get("teacher_layers"),
+            "gap": {"kl": gap_closed(b["kl"], a["kl"], 0.0), "top1": gap_closed(b["top1"], a["top1"], 1.0),
+                    "greedy_match": gap_closed(b["greedy_match"], a["greedy_match"], t["greedy_match"])}}
+        runs.write_json(out_dir / "quality.json", table)
+    return table
+
+
+def compare_selection(config, eval_rows: int = 16) -> dict:
+    """KL per token of the teacher cut to student.layers by student.select = kl and = even, both scored on rows
+    the selection did not see (the rows after its first select_rows); the kl choice's time."""
+    from so8t_jax import build, select
+    rows, _ = data.run_rows(config)
+    _, teacher = build.load_teacher(config)
+    start = time.time()
+    kept = build.kept_layers(config, teacher, rows)
+    seconds = time.time() - start
+    s = config.student
+    probe = data.encode_rows(rows[s.select_rows:s.select_rows + eval_rows], teacher.tokenizer,
+                             config.data.max_prompt_len, 64, chat=config.data.chat)
+    seqs = [(list(e.prompt_ids) + list(e.completion_ids))[:96] for e in probe]
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    mask = np.zeros_like(tokens)
+    for i, q in enumerate(seqs):
+        tokens[i, :len(q)], mask[i, :len(q)] = q, 1
+    score = select.make_scorer(teacher.params, teacher.config, [(tokens, mask)])
+
+    def kl(layers):
+        keep = np.zeros(teacher.config.n_layers, bool)
+        keep[list(layers)] = True
+        return score(keep)
+    even = select.even_layers(teacher.config.n_layers, s.layers)
+    return {"kl_layers": list(kept), "kl": kl(kept), "even_layers": list(even), "even": kl(even),
+            "select_s": round(seconds, 1), "eval_rows": len(seqs), "eval_tokens": int(mask.sum())}
+
+
+def _fmt(x, spec):
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def results_markdown(table: dict, command: str, machine: str) -> str:
+    """docs/RESULTS.md from a quality table."""
+    lines = [f"# Distillation quality ({table['budget']} budget)", "",
+             f"Generated by `{command}` on {machine}, {time.strftime('%Y-%m-%d')}. Evaluation: the first "
+             f"{table['eval_rows']} rows of `{table['eval_data']}` (not a training source). Gap closed = (after - "
+             "before) / (teacher - before).", "",
+             "| recipe | model | KL/token | top-1 | greedy-match | ppl | accuracy | KL gap closed | top-1 gap closed "
+             "| train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in table["recipes"].items():
+        for model in ("teacher", "before", "after"):
+            m = r["metrics"][model]
+            gap = r["gap"] if model == "after" else {}
+            lines.append(f"| {name} | {model} | {_fmt(m['kl'], '.4f')} | {_fmt(m['top1'], '.3f')} | "
+                         f"{_fmt(m['greedy_match'], '.2f')} | {_fmt(m.get('ppl'), '.2f')} | "
+                         f"{_fmt(m.get('accuracy'), '.3f')} | {_fmt(gap.get('kl'), '.0%')} | "
+                         f"{_fmt(gap.get('top1'), '.0%')} | {r['train_s'] if model == 'after' else ''} |")
+    return "\n".join(lines) + "\n"

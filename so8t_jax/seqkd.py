@@ -1,0 +1,108 @@
+"""Sequence-level KD (policy.seq_kd) with the teacher's generations made once and cached.
+
+Sampling the teacher inside every step costs a full teacher generation per step, and every epoch would pay it
+again. Instead the teacher completes every training prompt once before training (seeded per row, in batches),
+the completions are saved under `<output_dir>/.seq_kd_cache/<key>.npz` and replace the rows' dataset
+completions; the step then trains on them as dataset completions (mixed with the student's own samples at
+rate lmbda). The key is a sha256 of everything the completions depend on: the teacher's weights (tree
+digest), the prompts' token ids, the sampling settings, the end ids and the seed. A changed teacher or dataset
+therefore misses the cache and generates afresh; a rerun, a resumed run or another run with the same teacher
+and data reuses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import zipfile
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from so8t_jax import audit, sampling
+from so8t_jax.completions import PolicyConfig
+
+GENERATE_BATCH = 16
+
+
+def cache_key(teacher_digest: str, prompts: Sequence[Sequence[int]], policy: PolicyConfig, seed: int) -> str:
+    h = hashlib.sha256()
+    settings = {"temperature": policy.temperature, "top_k": policy.top_k, "top_p": policy.top_p, "seed": seed,
+                "max_new_tokens": policy.max_new_tokens, "eos_ids": list(policy.eos_ids), "pad_id": policy.pad_id}
+    h.update(json.dumps({"teacher": teacher_digest, "settings": settings}, sort_keys=True).encode())
+    for p in prompts:
+        h.update(np.asarray(p, np.int32).tobytes() + b"|")
+    return h.hexdigest()[:32]
+
+
+def generate(params, cfg, prompts: Sequence[Sequence[int]], policy: PolicyConfig, seed: int,
+             batch_size: int = GENERATE_BATCH) -> list[tuple[int, ...]]:
+    """The teacher's completion of each prompt (ending with its end id unless cut at max_new_tokens), a pure
+    function of (params, prompts, policy, seed): batches of batch_size, left-padded to the longest prompt."""
+    sampler = sampling.Sampler(policy.temperature, policy.top_k, policy.top_p)
+    fn = sampling.make_sample_fn(cfg, policy.max_new_tokens, sampler, policy.eos_ids, policy.pad_id)
+    key = jax.random.fold_in(jax.random.key(seed), 0x5E9)
+    out: list[tuple[int, ...]] = []
+    longest = max(len(p) for p in prompts)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n)  # one compiled shape for every batch
+        tokens, mask = sampling.left_pad(chunk, longest, policy.pad_id)
+        res = fn(params, tokens, mask, jax.random.fold_in(key, start // batch_size))
+        toks, lengths = np.asarray(res.tokens_BxN), np.asarray(res.lengths_B)
+        out += [tuple(int(t) for t in toks[r, :lengths[r]]) for r in range(n)]
+    return out
+
+
+def _save(path: pathlib.Path, completions: Sequence[tuple[int, ...]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.asarray([len(c) for c in completions], np.int64)
+    flat = np.asarray([t for c in completions for t in c], np.int32)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, lengths=lengths, tokens=flat)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache to be read as valid
+
+
+def _load(path: pathlib.Path, n: int) -> list[tuple[int, ...]] | None:
+    try:
+        with np.load(path) as z:
+            lengths, flat = z["lengths"], z["tokens"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # missing or unreadable: generate again
+    if len(lengths) != n or lengths.sum() != len(flat):
+        return None
+    ends = np.cumsum(lengths)
+    return [tuple(int(t) for t in flat[e - k:e]) for e, k in zip(ends, lengths)]
+
+
+def teacher_completions(params, cfg, prompts, policy: PolicyConfig, seed: int, cache_dir) -> tuple[list, dict]:
+    """(completions, {"key", "path", "hit"}): from the cache when its key matches, else generated and saved."""
+    key = cache_key(audit.tree_digest(params), prompts, policy, seed)
+    path = pathlib.Path(cache_dir) / f"{key}.npz"
+    cached = _load(path, len(prompts))
+    if cached is not None:
+        return cached, {"key": key, "path": str(path), "hit": True}
+    completions = generate(params, cfg, prompts, policy, seed)
+    _save(path, completions)
+    return completions, {"key": key, "path": str(path), "hit": False}
+
+
+def relabel(encoded, params, cfg, policy: PolicyConfig, seed: int, cache_dir, report: dict | None = None):
+    """The encoded rows with the teacher's completions (what data.prepare trains on under seq_kd); the cache's
+    key, path and whether it hit go into `report`."""
+    completions, info = teacher_completions(params, cfg, [e.prompt_ids for e in encoded], policy, seed, cache_dir)
+    if report is not None:
+        report.update(info)
+    return [dataclasses.replace(e, completion_ids=c) for e, c in zip(encoded, completions)]
+
+
+def step_policy(policy: PolicyConfig) -> PolicyConfig:
+    """The step's policy once the teacher's completions are the dataset's: no generation by the teacher."""
+    return dataclasses.replace(policy, seq_kd=False)
