@@ -56,15 +56,21 @@ def kept_layers(config, teacher: Model, rows) -> tuple[int, ...] | None:
         raise ConfigError(f"config: student.layers ({s.layers}) exceeds the teacher's {n_t} layers")
     if s.select == "even" or s.layers == n_t:
         return select.even_layers(n_t, s.layers)
-    enc = data.encode_rows(rows[:s.select_rows], teacher.tokenizer, config.data.max_prompt_len, s.select_len,
+    score = selection_scorer(config, teacher, rows[:s.select_rows], s.select_len, s.select_len)
+    return select.kl_layers(score, n_t, s.layers)[0]
+
+
+def selection_scorer(config, teacher: Model, rows, completion_len: int, length: int):
+    """select.make_scorer over rows: each encoded (prompt, completion_len completion tokens), cut to `length`
+    tokens, right-padded into one batch."""
+    enc = data.encode_rows(rows, teacher.tokenizer, config.data.max_prompt_len, completion_len,
                            chat=config.data.chat)
-    seqs = [(list(e.prompt_ids) + list(e.completion_ids))[:s.select_len] for e in enc]
+    seqs = [(list(e.prompt_ids) + list(e.completion_ids))[:length] for e in enc]
     tokens = np.full((len(seqs), max(map(len, seqs))), pad_id_of(teacher), np.int32)
     mask = np.zeros_like(tokens)
     for i, q in enumerate(seqs):
         tokens[i, :len(q)], mask[i, :len(q)] = q, 1
-    score = select.make_scorer(teacher.params, teacher.config, [(tokens, mask)])
-    return select.kl_layers(score, n_t, s.layers)[0]
+    return select.make_scorer(teacher.params, teacher.config, [(tokens, mask)])
 
 
 def student_from_teacher(teacher: Model, layers: int | tuple[int, ...], dtype) -> Model:

@@ -15,9 +15,7 @@ import json
 import pathlib
 import time
 
-import numpy as np
-
-from so8t_jax import data, evaluate, runs, trainer
+from so8t_jax import build, data, evaluate, runs, select, trainer
 from so8t_jax.config import set_path
 from so8t_jax.defaults import get_config
 
@@ -106,29 +104,19 @@ def run_quality(budget: str, eval_data, out_dir, recipes=tuple(RECIPES), base_co
 def compare_selection(config, eval_rows: int = 16) -> dict:
     """KL per token of the teacher cut to student.layers by student.select = kl and = even, both scored on rows
     the selection did not see (the rows after its first select_rows); the kl choice's time."""
-    from so8t_jax import build, select
     rows, _ = data.run_rows(config)
     _, teacher = build.load_teacher(config)
     start = time.time()
     kept = build.kept_layers(config, teacher, rows)
     seconds = time.time() - start
     s = config.student
-    probe = data.encode_rows(rows[s.select_rows:s.select_rows + eval_rows], teacher.tokenizer,
-                             config.data.max_prompt_len, 64, chat=config.data.chat)
-    seqs = [(list(e.prompt_ids) + list(e.completion_ids))[:96] for e in probe]
-    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
-    mask = np.zeros_like(tokens)
-    for i, q in enumerate(seqs):
-        tokens[i, :len(q)], mask[i, :len(q)] = q, 1
-    score = select.make_scorer(teacher.params, teacher.config, [(tokens, mask)])
-
-    def kl(layers):
-        keep = np.zeros(teacher.config.n_layers, bool)
-        keep[list(layers)] = True
-        return score(keep)
-    even = select.even_layers(teacher.config.n_layers, s.layers)
-    return {"kl_layers": list(kept), "kl": kl(kept), "even_layers": list(even), "even": kl(even),
-            "select_s": round(seconds, 1), "eval_rows": len(seqs), "eval_tokens": int(mask.sum())}
+    probe = rows[s.select_rows:s.select_rows + eval_rows]
+    score = build.selection_scorer(config, teacher, probe, 64, 96)
+    n_t = teacher.config.n_layers
+    even = select.even_layers(n_t, s.layers)
+    return {"kl_layers": list(kept), "kl": score(select.keep_mask(n_t, kept)), "even_layers": list(even),
+            "even": score(select.keep_mask(n_t, even)), "select_s": round(seconds, 1), "eval_rows": len(probe),
+            "eval_tokens": score.tokens}
 
 
 def _fmt(x, spec):

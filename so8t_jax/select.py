@@ -31,9 +31,17 @@ def even_layers(n_teacher: int, n_layers: int) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unique(np.round(np.linspace(0, n_teacher - 1, n_layers)).astype(int)))
 
 
+def keep_mask(n_teacher: int, kept) -> np.ndarray:
+    """bool [n_teacher]: True at the kept layer indices (model.forward's keep_Y)."""
+    mask = np.zeros(n_teacher, bool)
+    mask[list(kept)] = True
+    return mask
+
+
 def make_scorer(params, cfg: ModelConfig, batches: Sequence[tuple[np.ndarray, np.ndarray]]):
     """score(keep: bool [Y]) -> mean KL(teacher || pruned teacher) per valid token over the batches
-    (input_ids [B, L], attention_mask [B, L]); the teacher's log-probabilities are computed once."""
+    (input_ids [B, L], attention_mask [B, L]); the teacher's log-probabilities are computed once.
+    score.tokens: the valid tokens it averages over."""
     # params go in as jit arguments: closed over, they would be constants of the executable, copied into it and
     # constant-folded (a quantized teacher's dequantization done at compile time, for minutes)
     def log_probs(params, keep, tokens, mask):
@@ -54,6 +62,7 @@ def make_scorer(params, cfg: ModelConfig, batches: Sequence[tuple[np.ndarray, np
     def score(keep) -> float:
         keep = jnp.asarray(keep, bool)
         return float(sum(kl_sum(params, keep, t, m, r) for (t, m), r in zip(data, refs))) / count
+    score.tokens = int(count)
     return score
 
 
@@ -63,13 +72,9 @@ def kl_layers(score, n_teacher: int, n_layers: int) -> tuple[tuple[int, ...], fl
     if not 1 <= n_layers <= n_teacher:
         raise ValueError(f"cannot keep {n_layers} of {n_teacher} layers")
 
-    def keep_of(kept):
-        mask = np.zeros(n_teacher, bool)
-        mask[list(kept)] = True
-        return mask
-
     if math.comb(n_teacher, n_layers) <= EXHAUSTIVE:
-        scored = [(score(keep_of(kept)), kept) for kept in itertools.combinations(range(n_teacher), n_layers)]
+        scored = [(score(keep_mask(n_teacher, kept)), kept)
+                  for kept in itertools.combinations(range(n_teacher), n_layers)]
         best, kept = min(scored)
         return tuple(kept), best
     kept = list(range(n_teacher))
@@ -78,7 +83,7 @@ def kl_layers(score, n_teacher: int, n_layers: int) -> tuple[tuple[int, ...], fl
     while len(kept) > n_layers:
         beam = kept if len(kept) == n_teacher else sorted(kept, key=lambda k: (last[k], k))[:BEAM]
         for c in beam:
-            last[c] = score(keep_of([k for k in kept if k != c]))
+            last[c] = score(keep_mask(n_teacher, [k for k in kept if k != c]))
         best, drop = min((last[c], c) for c in beam)
         kept.remove(drop)
     return tuple(kept), best
