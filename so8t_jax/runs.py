@@ -121,6 +121,11 @@ def write_json(path: pathlib.Path, obj) -> None:
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
+    """Atomic, UTF-8: see write_bytes."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: pathlib.Path, blob: bytes) -> None:
     """Atomic: a temporary file in the same folder, flushed to disk, then renamed over `path` (a reader sees
     the old file or the new one, never a part). A failed write (disk full, ...) leaves `path` as it was, no
     temporary file, and raises OSError naming `path`."""
@@ -131,8 +136,8 @@ def write_text(path: pathlib.Path, text: str) -> None:
             stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

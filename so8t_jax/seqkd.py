@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 import pathlib
 import zipfile
 from collections.abc import Sequence
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from so8t_jax import audit, sampling
+from so8t_jax import audit, runs, sampling
 from so8t_jax.completions import PolicyConfig
 
 GENERATE_BATCH = 16
@@ -59,15 +59,12 @@ def generate(params, cfg, prompts: Sequence[Sequence[int]], policy: PolicyConfig
 
 
 def _save(path: pathlib.Path, completions: Sequence[tuple[int, ...]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic (runs.write_bytes): a killed run leaves no half-written cache to be read as valid."""
     lengths = np.asarray([len(c) for c in completions], np.int64)
     flat = np.asarray([t for c in completions for t in c], np.int32)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, lengths=lengths, tokens=flat)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache to be read as valid
+    buf = io.BytesIO()
+    np.savez(buf, lengths=lengths, tokens=flat)
+    runs.write_bytes(path, buf.getvalue())
 
 
 def _load(path: pathlib.Path, n: int) -> list[tuple[int, ...]] | None:
