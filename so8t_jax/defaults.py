@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.plateau_patience = 10
     c.optim.grad_accum_steps = 1
     c.optim.head_learning_rate = 1e-2  # SO8T safety / verifier heads' peak lr (same warmup / decay shape)
+    c.optim.freeze = ()                # student parameters kept as copied from the teacher: "embed" (a tied
+                                       #   model's output layer too), "lm_head" (untied); no gradients, no moments
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200                # used when epochs == 0

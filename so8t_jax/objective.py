@@ -165,11 +165,14 @@ def _token_terms(student, teacher_params, s_out, t_out, batch, counts, s_cfg, t_
     if lc.kd_weight > 0 or (verify and lc.chunk_size):
         kw = dict(kind=lc.divergence, beta=lc.jsd_beta, temperature=lc.temperature, num_valid=num_valid)
         if lc.chunk_size:
+            s0 = _first_target(batch)
             kd = losses.chunked_divergence(
-                s_out.hidden[:, :-1], model_lib.lm_head(student, s_cfg), t_out.hidden[:, :-1],
-                model_lib.lm_head(teacher_params, t_cfg), target_mask_BxL, chunk_size=lc.chunk_size,
+                s_out.hidden[:, s0:-1], model_lib.lm_head(student, s_cfg), t_out.hidden[:, s0:-1],
+                model_lib.lm_head(teacher_params, t_cfg), target_mask_BxL[:, s0:], chunk_size=lc.chunk_size,
                 return_agreement=verify, **kw)
             kd, agree_BxL = kd if verify else (kd, None)
+            if verify:  # back to [B, L-1]: no prompt position is a target
+                agree_BxL = jnp.pad(agree_BxL, ((0, 0), (s0, 0)))
         else:
             kd = losses.divergence(s_out.logits[:, :-1], t_out.logits[:, :-1], target_mask_BxL, **kw)
         if lc.kd_weight > 0:
@@ -178,11 +181,20 @@ def _token_terms(student, teacher_params, s_out, t_out, batch, counts, s_cfg, t_
         agree_BxL = losses.argmax_agreement(s_out.logits[:, :-1], t_out.logits[:, :-1])
     if lc.ce_weight > 0:
         if lc.chunk_size:
-            terms["ce"] = losses.chunked_cross_entropy(s_out.hidden[:, :-1], model_lib.lm_head(student, s_cfg),
-                                                       labels[:, 1:], lc.chunk_size, num_valid=num_valid)
+            s0 = _first_target(batch)
+            terms["ce"] = losses.chunked_cross_entropy(s_out.hidden[:, s0:-1], model_lib.lm_head(student, s_cfg),
+                                                       labels[:, 1 + s0:], lc.chunk_size, num_valid=num_valid)
         else:
             terms["ce"] = losses.cross_entropy(s_out.logits[:, :-1], labels[:, 1:], num_valid=num_valid)
     return terms, agree_BxL
+
+
+def _first_target(batch) -> int:
+    """The first position (of the shifted [B, L-1] view) that can be a target: a batch [prompt P | completion N]
+    (data.Batcher's rows and every sampled sequence; a {"text"} row is an empty prompt) has labels only in its
+    completion, so the chunked losses skip the P - 1 prompt positions' lm_head matmuls (a third to two thirds of
+    each model's vocabulary projection at the usual prompt buckets). 0 for a batch without prompt_ids."""
+    return batch["prompt_ids"].shape[-1] - 1 if "prompt_ids" in batch else 0
 
 
 def _head_terms(student, s_out, t_out, batch, counts, agree_BxL, lc: LossConfig):

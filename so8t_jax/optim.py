@@ -4,10 +4,12 @@
 Two parameter groups through optax.multi_transform: the trunk (the decoder, the hidden projection) at
 learning_rate and the SO8T heads at head_learning_rate, each with the same warmup / decay shape. Weight decay
 (an optax mask) pulls only on matrices: never on norms, biases, the SO(8) gates, the scheduled alpha or the
-heads."""
+heads. optim.freeze names student parameters kept as copied (e.g. ("embed", "lm_head")): a third group whose
+update is zero (optax.set_to_zero: no Adam moments) and whose gradient the step never computes (freeze_tree)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +42,13 @@ class OptimConfig:
     grad_accum_steps: int = _D.grad_accum_steps
     head_learning_rate: float = _D.head_learning_rate  # peak lr of the SO8T safety / verifier heads (fresh linear
                                                        # heads on a trained trunk): the trunk's warmup and decay
+    freeze: tuple = tuple(_D.freeze)  # student parameters not trained (FREEZABLE names)
 
     def __post_init__(self):
+        object.__setattr__(self, "freeze", tuple(self.freeze))  # from a config list
+        unknown = [n for n in self.freeze if n not in FREEZABLE]
+        if unknown:
+            raise ValueError(f"optim.freeze: unknown parameter(s) {unknown}; choose from {FREEZABLE}")
         if self.head_learning_rate < 0:
             raise ValueError(f"optim.head_learning_rate must be >= 0, got {self.head_learning_rate}")
         if self.schedule not in SCHEDULES:
@@ -74,18 +81,38 @@ def make_schedule(cfg: OptimConfig, peak: float | None = None) -> optax.Schedule
 
 
 _NO_DECAY = ("attn_gate", "mlp_gate", "so8t_alpha")
+FREEZABLE = ("embed", "lm_head")  # lm_head exists only in untied models (a tied one's is embed)
 
 
 def _leaf_name(path) -> str:
     return str(getattr(path[-1], "key", path[-1]))
 
 
-def group_labels(params) -> dict:
-    """"heads" for the SO8T heads (params["student"]["safety_head" | "verifier"]), "trunk" for the rest."""
+def group_labels(params, freeze: tuple = ()) -> dict:
+    """"heads" for the SO8T heads (params["student"]["safety_head" | "verifier"]), "frozen" for the student
+    parameters named in freeze, "trunk" for the rest."""
     def label(path, _):
         names = [str(getattr(k, "key", k)) for k in path]
-        return "heads" if len(names) > 1 and names[0] == "student" and names[1] in HEADS else "trunk"
+        if len(names) > 1 and names[0] == "student":
+            if names[1] in HEADS:
+                return "heads"
+            if names[1] in freeze:
+                return "frozen"
+        return "trunk"
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def freeze_tree(params, freeze: tuple):
+    """params with the frozen student parameters under stop_gradient: their gradients are zeros XLA never
+    computes (a tied embedding's [D, V] weight gradient is a third of the student's vocabulary projection)."""
+    if not freeze:
+        return params
+    missing = [n for n in freeze if n not in params.get("student", {})]
+    if missing:
+        raise ValueError(f"optim.freeze: the student has no {missing} (a model with tied embeddings has no "
+                         f"lm_head: its output layer is embed)")
+    return jax.tree_util.tree_map(lambda x, g: jax.lax.stop_gradient(x) if g == "frozen" else x, params,
+                                  group_labels(params, freeze))
 
 
 def decay_mask(params) -> dict:
@@ -108,7 +135,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     def adamw(schedule):
         return optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     parts.append(optax.multi_transform({"trunk": adamw(make_schedule(cfg)),
-                                        "heads": adamw(make_schedule(cfg, cfg.head_learning_rate))}, group_labels))
+                                        "heads": adamw(make_schedule(cfg, cfg.head_learning_rate)),
+                                        "frozen": optax.set_to_zero()},
+                                       functools.partial(group_labels, freeze=cfg.freeze)))
     if cfg.plateau:
         parts.append(optax.contrib.reduce_on_plateau(cfg.plateau_factor, cfg.plateau_patience))
     return optax.chain(*parts)

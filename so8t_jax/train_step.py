@@ -18,7 +18,7 @@ from so8t_jax import so8t
 from so8t_jax.completions import PolicyConfig, mix_completions
 from so8t_jax.config import ModelConfig
 from so8t_jax.objective import LossConfig, batch_counts, loss_terms
-from so8t_jax.optim import OptimConfig, make_optimizer, make_schedule
+from so8t_jax.optim import OptimConfig, freeze_tree, make_optimizer, make_schedule
 
 
 @flax.struct.dataclass
@@ -63,7 +63,7 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
     that value after the update."""
     gated = gate_cfg is not None and gate_cfg.gates
     optimizer = make_optimizer(optim_cfg)
-    gradients = _make_gradients(s_cfg, t_cfg, loss_cfg, optim_cfg.grad_accum_steps)
+    gradients = _make_gradients(s_cfg, t_cfg, loss_cfg, optim_cfg.grad_accum_steps, optim_cfg.freeze)
     update = _make_update(optimizer, make_schedule(optim_cfg), optim_cfg)
 
     def reduce(x):
@@ -97,12 +97,13 @@ def make_step(s_cfg: ModelConfig, t_cfg: ModelConfig, loss_cfg: LossConfig, opti
     return step, optimizer
 
 
-def _make_gradients(s_cfg, t_cfg, loss_cfg: LossConfig, accum: int):
+def _make_gradients(s_cfg, t_cfg, loss_cfg: LossConfig, accum: int, freeze: tuple = ()):
     """(params, teacher_params, batch, counts) -> (grads, terms); with accum > 1 the micro-batches on the
-    leading axis are scanned and summed (each term is already divided by the global count)."""
+    leading axis are scanned and summed (each term is already divided by the global count). Frozen
+    parameters (optim.freeze) get zero gradients, never computed."""
     def grads_of(trainable, teacher_params, batch, counts):
         def f(p):
-            terms = loss_terms(p, teacher_params, batch, counts, s_cfg, t_cfg, loss_cfg)
+            terms = loss_terms(freeze_tree(p, freeze), teacher_params, batch, counts, s_cfg, t_cfg, loss_cfg)
             return terms["loss"], terms
         (_, terms), grads = jax.value_and_grad(f, has_aux=True)(trainable)
         return grads, terms

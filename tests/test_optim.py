@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from so8t_jax.optim import OptimConfig, decay_mask, group_labels, make_optimizer, make_schedule
+import pytest
+
+from so8t_jax.optim import OptimConfig, decay_mask, freeze_tree, group_labels, make_optimizer, make_schedule
 
 
 def _params(seed=0):
@@ -36,7 +38,7 @@ def _reference(cfg: OptimConfig, params, grads_seq):
     """float64 numpy: clip by the global norm, Adam moments with bias correction, decoupled decay where the
     mask says, lr from each group's schedule at the update count."""
     flat, tree = jax.tree_util.tree_flatten(params)
-    labels = jax.tree_util.tree_leaves(group_labels(params))
+    labels = jax.tree_util.tree_leaves(group_labels(params, cfg.freeze))
     mask = jax.tree_util.tree_leaves(decay_mask(params))
     p = [np.asarray(x, np.float64) for x in flat]
     m = [np.zeros_like(x) for x in p]
@@ -48,6 +50,8 @@ def _reference(cfg: OptimConfig, params, grads_seq):
         if cfg.max_grad_norm > 0 and norm > cfg.max_grad_norm:
             g = [x * cfg.max_grad_norm / norm for x in g]
         for i in range(len(p)):
+            if labels[i] == "frozen":  # kept as it is, no moments
+                continue
             m[i] = cfg.b1 * m[i] + (1 - cfg.b1) * g[i]
             v[i] = cfg.b2 * v[i] + (1 - cfg.b2) * g[i] ** 2
             mhat, vhat = m[i] / (1 - cfg.b1 ** (t + 1)), v[i] / (1 - cfg.b2 ** (t + 1))
@@ -85,3 +89,47 @@ def test_schedule_with_another_peak_keeps_the_shape():
     base, heads = make_schedule(cfg), make_schedule(cfg, 1e-1)
     for step in range(25):
         np.testing.assert_allclose(float(heads(step)), 100 * float(base(step)), rtol=1e-5)
+
+
+class FreezeTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_frozen_embedding_gets_no_gradient_no_moments_no_update(self):
+        """optim.freeze = ("embed",): the gradient through freeze_tree is exactly zero there (the step never
+        computes it), the optimizer keeps no moments for it and leaves it bitwise; every other parameter follows
+        the float64 AdamW fed the same (zero-embedding) gradients."""
+        cfg = OptimConfig(learning_rate=1e-2, min_lr=1e-3, warmup_steps=1, total_steps=4, weight_decay=0.1,
+                          max_grad_norm=0.5, freeze=("embed",))
+        params = _params()
+        target = _params(seed=3)
+
+        @self.variant
+        def grads_of(p):
+            def loss(q):
+                q = freeze_tree(q, cfg.freeze)
+                return sum(jnp.sum((a - b) ** 2 * (1 + jnp.arange(a.size).reshape(a.shape) % 3))
+                           for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(target)))
+            return jax.grad(loss)(p)
+        opt = make_optimizer(cfg)
+        state, p, seen = opt.init(params), params, []
+        for _ in range(3):
+            g = grads_of(p)
+            assert not np.any(np.asarray(g["student"]["embed"]))
+            assert np.all(np.asarray(g["student"]["layers"]["q"]) != 0)
+            seen.append(g)
+            updates, state = opt.update(g, state, p)
+            p = jax.tree.map(lambda a, b: a + b, p, updates)
+        np.testing.assert_array_equal(np.asarray(p["student"]["embed"]), np.asarray(params["student"]["embed"]))
+        want = _reference(cfg, params, seen)
+        chex.assert_trees_all_close(p, want, atol=1e-5, rtol=1e-5)
+        moments = sum(x.size for x in jax.tree_util.tree_leaves(state) if hasattr(x, "size"))
+        unfrozen = sum(x.size for x in jax.tree_util.tree_leaves(make_optimizer(OptimConfig()).init(params))
+                       if hasattr(x, "size"))
+        assert unfrozen - moments == 2 * params["student"]["embed"].size  # no Adam m and v for the embedding
+        assert group_labels(params, cfg.freeze)["student"]["embed"] == "frozen"
+
+
+def test_freeze_names_are_checked():
+    with pytest.raises(ValueError, match="optim.freeze.*unknown.*'bogus'"):
+        OptimConfig(freeze=("bogus",))
+    with pytest.raises(ValueError, match="no \\['lm_head'\\].*tied"):
+        freeze_tree(_params(), ("lm_head",))

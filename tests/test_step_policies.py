@@ -20,9 +20,9 @@ def _step_once(loss_cfg, optim_cfg=OPT, teacher=None, state=None):
                                                         jax.random.key(0))
 
 
-def _grads(loss_cfg):
+def _grads(loss_cfg, batch=None):
     state, teacher = _setup(loss_cfg)
-    batch = _batch()
+    batch = _batch() if batch is None else batch
     counts = objective.batch_counts(batch, loss_cfg)
 
     def f(p):
@@ -41,6 +41,40 @@ def test_chunking_and_remat_keep_loss_and_gradients(change):
     loss1, g1 = _grads(dataclasses.replace(plain, **change))
     np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
     chex.assert_trees_all_close(g1, g0, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kd_weight", [1.0, 0.0])  # 0: the cross-entropy term alone
+def test_chunked_losses_skip_prompt_positions_exactly(kd_weight):
+    """A [prompt P | completion] batch (prompt_ids present): the chunked losses start at position P - 1, and give
+    the loss and gradients of the plain full-logits path over every position."""
+    batch = dict(_batch(length=12, seed=3))
+    batch["labels"] = batch["labels"].at[:, :5].set(-100)
+    batch["prompt_ids"] = batch["input_ids"][:, :5]
+    plain = dataclasses.replace(ALL_TERMS, kd_weight=kd_weight, chunk_size=0, remat="none")
+    loss0, g0 = _grads(plain, batch)
+    loss1, g1 = _grads(dataclasses.replace(plain, chunk_size=3), batch)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    chex.assert_trees_all_close(g1, g0, atol=1e-6, rtol=1e-5)
+    assert objective._first_target(batch) == 4 and objective._first_target(_batch()) == 0
+
+
+def test_frozen_embedding_stays_and_its_gradient_is_not_computed():
+    """optim.freeze = ("embed", "lm_head") (an untied student): the step leaves both bitwise, moves the rest, and
+    its compiled program does fewer FLOPs (cost_analysis): the output layer's [D, V] weight gradient (2 D V FLOPs
+    per target position, 8 rows x 11 here) is never formed."""
+    frozen = dataclasses.replace(OPT, freeze=("embed", "lm_head"))
+    before, (after, metrics) = _step_once(ALL_TERMS, frozen)
+    for name in ("embed", "lm_head"):
+        np.testing.assert_array_equal(np.asarray(after.params["student"][name]),
+                                      np.asarray(before.params["student"][name]))
+    moved = after.params["student"]["layers"]["q"] - before.params["student"]["layers"]["q"]
+    assert np.abs(np.asarray(moved)).min() > 0
+
+    def flops(optim_cfg):
+        s, t = _setup(ALL_TERMS, optim_cfg)
+        step, _ = train_step.make_step(STUDENT, TEACHER, ALL_TERMS, optim_cfg)
+        return jax.jit(step).lower(s, t, _batch(), jax.random.key(0)).compile().cost_analysis()["flops"]
+    assert flops(frozen) < flops(OPT) - 2 * STUDENT.d_model * STUDENT.vocab_size * 8 * 11 * 0.9
 
 
 def test_bfloat16_compute_step_is_close_to_float32_and_keeps_float32_masters():
