@@ -8,6 +8,10 @@
 --config takes a file or a bare name looked up in configs/. Shortcuts (the seed runner's flags): --teacher
 (teacher.path), --output (output_dir), --steps (train.steps), --epochs (train.epochs), --samples (the N of
 data.source=builtin:diverse:N), --resume / --noresume (train.resume).
+
+Several processes (hosts), each started with the same arguments and parallel.mode=mesh: --coordinator
+(process 0's host:port, or auto to let jax detect Slurm / Open MPI), --num_processes, --process_id (or
+$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID); README.md "Several hosts".
 """
 import sys
 

@@ -321,13 +321,16 @@ def package_versions(names=("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"
 
 
 def tree_digest(tree) -> str:
-    """sha256 over each leaf's path, dtype, shape and bytes, in tree_flatten order (sorted dict keys)."""
+    """sha256 over each leaf's path, dtype, shape and bytes, in tree_flatten order (sorted dict keys). Arrays
+    spread over several processes are gathered: with several hosts every process must call this."""
     import jax
     import numpy as np
 
+    from so8t_jax.distributed import host
+
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.ascontiguousarray(np.asarray(leaf))
+        a = np.ascontiguousarray(host(leaf))
         h.update(canonical([jax.tree_util.keystr(path), str(a.dtype), list(a.shape), a.nbytes]).encode())
         h.update(a.tobytes())
     return h.hexdigest()

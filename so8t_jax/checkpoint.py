@@ -32,6 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from so8t_jax import distributed
+
 
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -131,8 +133,12 @@ class Store:
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep = keep
         self._pending: int | None = None  # the step an unfinished background save writes
-        # no max_to_keep: Orbax would delete old steps in place; _prune does it atomically
-        self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(create=True))
+        # no max_to_keep: Orbax would delete old steps in place; _prune does it atomically. With several
+        # processes, saves of two folders in flight at once (a snapshot and a checkpoint of one step) wait at
+        # Orbax barriers named by the step: the folder in their names keeps them apart
+        self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=self.directory)))
 
     def save(self, step: int, state, meta: dict | None = None) -> bool:
         """Write `state` (+ JSON `meta`) as `step`. A step at or before an existing one replaces it and every
@@ -210,19 +216,24 @@ class Store:
         return later
 
     def discard_uncommitted(self) -> list[str]:
-        """Remove tmp folders of killed saves (see the module function); the caller must own the folder."""
+        """Remove tmp folders of killed saves (see the module function); the caller must own the folder. With
+        several processes the writer removes them and the others wait for it."""
         self.wait()
-        return discard_uncommitted(self.directory)
+        gone = discard_uncommitted(self.directory) if distributed.is_writer() else []
+        distributed.barrier(f"discard {self.directory}")
+        return gone
 
     def _remove(self, step: int) -> None:
         """Delete a committed step: renamed to a tmp name first (one atomic rename: Orbax stops listing it),
-        then its files removed. Killed in between, the tmp folder is what remains."""
+        then its files removed. Killed in between, the tmp folder is what remains. With several processes
+        the writer deletes and the others wait for it (the folder is shared, as Orbax requires)."""
         path = pathlib.Path(self.directory) / str(step)
         trash = path.with_name(f"{step}{TMP_SUFFIX}-deleted")
-        if path.exists():
+        if path.exists() and distributed.is_writer():
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(path, trash)
             shutil.rmtree(trash)
+        distributed.barrier(f"remove {path}")
         self._mngr.reload()
 
     def close(self) -> None:
@@ -298,8 +309,10 @@ class Checkpointer:
         """Remove the tmp folders killed saves left in steps/, best/ and final/ ("kind/name" of each); only the
         run that owns the folder may call this (see `discard_uncommitted`)."""
         self.wait()
-        return [f"{kind}/{name}" for kind in ("steps", "best", "final")
+        gone = [f"{kind}/{name}" for kind in ("steps", "best", "final") if distributed.is_writer()
                 for name in discard_uncommitted(os.path.join(self.directory, kind))]
+        distributed.barrier(f"discard {self.directory}")
+        return gone
 
     def wait(self) -> None:
         for store in (self.steps, self._best, self._final):

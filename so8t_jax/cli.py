@@ -73,6 +73,10 @@ def run_train(argv: list[str]) -> int:
     flags.DEFINE_string("run_name", None, "run folder name (run_name)")
     flags.DEFINE_bool("resume", None, "continue from the run's latest checkpoint (train.resume)")
     flags.DEFINE_bool("debug", False, "show the traceback of a configuration, weights or data error")
+    flags.DEFINE_string("coordinator", None, "several processes (hosts): process 0's host:port, or auto (Slurm, "
+                        "Open MPI, ...) ($JAX_COORDINATOR_ADDRESS)")
+    flags.DEFINE_integer("num_processes", None, "several processes: how many ($JAX_NUM_PROCESSES)")
+    flags.DEFINE_integer("process_id", None, "several processes: this one's index, 0 writes ($JAX_PROCESS_ID)")
     argv = _fix_config_arg(argv)
     # sys_argv: the --config.key overrides are found in the argv given (by default in sys.argv, which differs
     # when run_train is called from Python)
@@ -85,6 +89,13 @@ def run_train(argv: list[str]) -> int:
 
         from absl import logging
 
+        from so8t_jax import distributed
+        try:  # before any JAX computation
+            distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+        except (ValueError, RuntimeError) as e:  # a missing / bad setting, or no coordinator to reach
+            if FLAGS.debug:
+                raise
+            raise SystemExit(f"error: several processes: {' '.join(str(e).split())}") from None
         from so8t_jax.audit import AuditError
         from so8t_jax.checkpoint import CheckpointError
         from so8t_jax.trainer import TrainingStopped, train
@@ -112,6 +123,8 @@ def run_train(argv: list[str]) -> int:
                 raise
             # one line, no traceback (a failed save: the last good checkpoint is intact; a rerun resumes from it)
             raise SystemExit(error_line(e, pathlib.Path(config.output_dir) / config.run_name)) from None
+        if not distributed.is_writer():
+            return
         summary = {k: results[k] for k in ("run", "steps", "compression_ratio", "loss", "wall_time_s",
                                            "tokens_per_s")}
         summary["heldout_loss_final"] = results["evaluation"].get("heldout_loss_final")

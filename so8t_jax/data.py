@@ -250,10 +250,13 @@ class Batcher:
         pos = step * b + np.arange(b)
         return np.array([self._perm(int(p) // n)[int(p) % n] for p in pos])
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int, part: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Batch `step`, or only its rows at the positions `part` (one process's share of the batch, with
+        several hosts): padded to the whole batch's prompt bucket, so the shares make up the same batch."""
         rows = [self.data[i] for i in self.indices(step)]
         longest = max(len(r.prompt_ids) for r in rows)
         P = next(b for b in self.buckets if b >= longest)
+        rows = rows if part is None else [rows[i] for i in part]
         N, B = self.completion_len, len(rows)
         prompt = np.full((B, P), self.pad_id, np.int32)
         completion = np.full((B, N), self.pad_id, np.int32)

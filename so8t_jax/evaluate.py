@@ -226,6 +226,8 @@ def evaluate_run(run_dir, n_rows: int | None = None, out_dir=None, data_source: 
     config = ml_collections.ConfigDict(results["config"])
     kept = results["student"].get("teacher_layers")  # the layers the run's student was cut from
     kept = tuple(kept) if kept else None
+    if jax.process_count() > 1:  # several hosts: the writer evaluates alone, the teacher whole on its own device
+        config.parallel.mode = "single"
     teacher_path, teacher = build.load_teacher(config)
     teacher, before, _ = build.reconcile_vocab(teacher, build.make_student(config, teacher, kept))
     after = load(run_dir / "student", config.student.dtype)

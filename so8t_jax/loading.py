@@ -133,14 +133,12 @@ def convert(src, out_dir, dtype="float32") -> pathlib.Path:
 def save_converted(cfg: ModelConfig, params, tokenizer, out_dir, source="") -> pathlib.Path:
     """Write params (Orbax) + config JSON (+ tokenizer) as a folder `load` reads. The config JSON is written
     last and atomically: its presence means the folder is complete."""
-    import orbax.checkpoint as ocp
-
     out = pathlib.Path(out_dir).absolute()
     if (out / "params").exists():
         shutil.rmtree(out / "params")
     out.mkdir(parents=True, exist_ok=True)
     (out / CONVERTED_CONFIG).unlink(missing_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
+    with _checkpointer() as ckpt:
         ckpt.save(out / "params", params)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -151,12 +149,20 @@ def save_converted(cfg: ModelConfig, params, tokenizer, out_dir, source="") -> p
     return out
 
 
-def _load_converted(folder: pathlib.Path, dtype) -> Model:
+def _checkpointer():
+    """Orbax for this process alone: with several hosts, the writer process saves student/ (host copies of the
+    params) and evaluates on it, and no other process joins Orbax's barriers."""
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
+def _load_converted(folder: pathlib.Path, dtype) -> Model:
     meta = json.loads((folder / CONVERTED_CONFIG).read_text())
     cfg = ModelConfig.from_dict(meta["model"])
-    with ocp.StandardCheckpointer() as ckpt:
+    with _checkpointer() as ckpt:
         params = ckpt.restore(folder.absolute() / "params")
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     has_tok = (folder / "tokenizer_config.json").exists()

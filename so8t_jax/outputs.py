@@ -12,7 +12,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 
-from so8t_jax import audit, data
+from so8t_jax import audit, data, distributed
 from so8t_jax.checkpoint import CheckpointError
 from so8t_jax.completions import PolicyConfig
 from so8t_jax.evaluate import evaluate_run, format_table
@@ -27,7 +27,7 @@ def samples(cfg, params, tokenizer, rows, policy: PolicyConfig) -> list[tuple[st
     prompts = [encode_prompt(tokenizer, data.messages_for(r)) for r in rows]
     ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)), policy.pad_id)
     fn = make_sample_fn(cfg, min(policy.max_new_tokens, 48), GREEDY, policy.eos_ids, policy.pad_id)
-    out = jax.device_get(fn(params, jnp.asarray(ids), jnp.asarray(mask), None))
+    out = jax.device_get(distributed.gathered(fn(params, jnp.asarray(ids), jnp.asarray(mask), None)))
     texts = [tokenizer.decode(t[: n], skip_special_tokens=True) for t, n in zip(out.tokens_BxN, out.lengths_B)]
     return [(json.dumps(data.messages_for(r), ensure_ascii=False), t) for r, t in zip(rows, texts)]
 
@@ -35,8 +35,12 @@ def samples(cfg, params, tokenizer, rows, policy: PolicyConfig) -> list[tuple[st
 def save_student(cfg, params, tokenizer, out_dir: pathlib.Path, source: str) -> pathlib.Path:
     """RUN/student as `save_converted` writes it, but whole or not at all: written in a temporary folder beside
     it (a killed write's leftover is replaced), then renamed into place; an earlier student/ is moved aside
-    first and deleted after (a folder cannot be replaced in one rename)."""
+    first and deleted after (a folder cannot be replaced in one rename). With several processes every one
+    calls this (the params are gathered from all of them) and the writer writes."""
     out = pathlib.Path(out_dir).absolute()
+    params = distributed.gathered(params)
+    if not distributed.is_writer():
+        return out
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -56,8 +60,12 @@ def save_student(cfg, params, tokenizer, out_dir: pathlib.Path, source: str) -> 
 
 
 def export_and_evaluate(config, run_dir: pathlib.Path, results: dict, log: audit.AuditLog) -> dict:
-    """Export (HF + GGUF) and the teacher / before / after evaluation, recorded in the results, model card
-    and audit log. A failure here is recorded and reported, never allowed to lose the trained student."""
+    """The results JSON, then export (HF + GGUF) and the teacher / before / after evaluation, recorded in the
+    results, model card and audit log. A failure here is recorded and reported, never allowed to lose the
+    trained student. Only the writer process writes, exports and evaluates (on student/, without collectives)."""
+    if not distributed.is_writer():
+        return results
+    write_json(run_dir / "distillation_results.json", results)  # evaluate_run reads the run's config from it
     formats = [f for f in config.export.formats if f]
     if formats:
         for stale in (run_dir / "export").glob(".*"):  # temporaries of a killed export (this run owns the folder)

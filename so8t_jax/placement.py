@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from so8t_jax import sharding, so8t
+from so8t_jax import distributed, sharding, so8t
 from so8t_jax.completions import PolicyConfig
 from so8t_jax.sharding import ParallelConfig
 from so8t_jax.train_step import make_step
@@ -54,11 +54,21 @@ def _put(tree, shardings):
     return jax.tree_util.tree_map(local_shards, tree, shardings)
 
 
+def _put_batch(batch, sharding, local_rows: bool):
+    """Every batch leaf with `sharding`. With several processes a process gives either the whole batch (the same
+    on every process, as `_put`'s trees) or, `local_rows`, only the rows of its own devices (Placement.local_rows):
+    each builds the shards of its devices from what it holds."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, jax.tree_util.tree_map(lambda _: sharding, batch))
+    whole = None if local_rows else jax.tree_util.tree_map(np.shape, batch)  # None: inferred from the local rows
+    return jax.make_array_from_process_local_data(sharding, batch, whole)
+
+
 class Placer:
-    """place(state, teacher, batch): each given tree on its NamedShardings from the logical table under
-    `rules` (the state) and `t_rules` (the teacher); the batch's rows over the batch axes; None passes
-    through. A tree already on its shardings is not copied (device_put of an array to its own sharding is
-    the array itself)."""
+    """place(state, teacher, batch, local_rows=False): each given tree on its NamedShardings from the logical
+    table under `rules` (the state) and `t_rules` (the teacher); the batch's rows over the batch axes (the
+    whole batch, or with local_rows this process's rows of it: see _put_batch); None passes through. A tree
+    already on its shardings is not copied (device_put of an array to its own sharding is the array itself)."""
 
     def __init__(self, mesh: Mesh, accum: bool, rules: dict, t_rules: dict | None = None):
         self.mesh, self.accum, self.rules, self.t_rules = mesh, accum, rules, t_rules or rules
@@ -81,13 +91,13 @@ class Placer:
         """One sharding for every batch leaf (a tree prefix): rows on axis 0, or 1 with accumulation."""
         return sharding.batch_sharding(self.mesh, self.rules, self.accum)
 
-    def __call__(self, state, teacher, batch):
+    def __call__(self, state, teacher, batch, local_rows: bool = False):
         if state is not None:
             state = _put(state, self.state(state))
         if teacher is not None:
             teacher = _put(teacher, self.teacher(teacher))
         if batch is not None:
-            batch = jax.device_put(batch, jax.tree_util.tree_map(lambda _: self.batch(), batch))
+            batch = _put_batch(batch, self.batch(), local_rows)
         return state, teacher, batch
 
 
@@ -158,7 +168,7 @@ class Placement:
 
     def __init__(self, mode: str, s_cfg, t_cfg, loss_cfg, optim_cfg, policy: PolicyConfig,
                  gate_cfg: so8t.GateConfig | None = None, parallel: ParallelConfig | None = None):
-        self.mode = mode
+        self.mode, self._rows = mode, {}
         parallel = ParallelConfig(mode=mode) if parallel is None else parallel
         kw = dict(policy=policy, gate_cfg=gate_cfg)
         self.place = None
@@ -172,6 +182,18 @@ class Placement:
             step, self.optimizer = make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, **kw)
             self.step = jit_step(step)
 
+    def local_rows(self, rows: int, accum: int = 1) -> np.ndarray | None:
+        """The positions in a step's batch of `accum` x `rows` rows (accumulation-major) that this process
+        builds and places: its devices' rows (several processes, mesh mode); None: every row."""
+        if self.place is None or jax.process_count() == 1:
+            return None
+        key = (rows, accum)
+        if key not in self._rows:
+            shape = (accum, rows) if accum > 1 else (rows,)
+            local = distributed.local_rows(self.place.batch(), shape, axis=len(shape) - 1)
+            self._rows[key] = (np.arange(accum)[:, None] * rows + local).reshape(-1)
+        return self._rows[key]
+
     def to_device(self, state, teacher):
         """The state (and teacher, when given) on the mode's devices. In single mode they are committed to the
         device: a state restored by Orbax (resume, rollback) is, and a fresh one must match it or the step
@@ -183,10 +205,11 @@ class Placement:
         return state, teacher
 
     def run(self, state, teacher, batch, rng):
-        """One step. The batch is placed each step; in mesh mode the state too (a no-op unless a hook replaced
-        it with arrays of another sharding, which jit's in_shardings would refuse)."""
+        """One step on `batch`: the rows `local_rows` names (every row with one process). The batch is placed
+        each step; in mesh mode the state too (a no-op unless a hook replaced it with arrays of another
+        sharding, which jit's in_shardings would refuse)."""
         if self.mode == "mesh":
-            state, _, batch = self.place(state, None, batch)
+            state, _, batch = self.place(state, None, batch, local_rows=True)
         elif self.place is not None:
-            batch = self.place(None, None, batch)[2]
+            batch = self.place(None, None, batch, local_rows=True)[2]
         return self.step(state, teacher, batch, rng)

@@ -11,7 +11,7 @@ import tempfile
 import jax
 import numpy as np
 
-from so8t_jax import defaults, so8t, stability
+from so8t_jax import defaults, distributed, so8t, stability
 from so8t_jax.completions import PolicyConfig
 from so8t_jax.config import ConfigError
 from so8t_jax.loading import DTYPES, Model
@@ -93,7 +93,7 @@ def check_config(config) -> None:
 def check_parallel(config) -> None:
     """What a parallel mode needs, before any model loads: mesh axis sizes that multiply to the device count
     (mesh mode only), and the batch's rows split evenly over the data-parallel devices (pmap: this host's
-    devices; mesh: data x fsdp)."""
+    devices; mesh: data x fsdp). Several processes (hosts) need mesh mode: its mesh spans them all."""
     mode = config.parallel.mode
     parallel = ParallelConfig.of(config.parallel)
     if mode != "mesh":
@@ -101,6 +101,9 @@ def check_parallel(config) -> None:
             if getattr(parallel, axis) != getattr(ParallelConfig, axis):
                 raise ConfigError(f"config: parallel.{axis} sizes a mesh axis: it needs parallel.mode=mesh, "
                                   f"got parallel.mode={mode}")
+    if jax.process_count() > 1 and mode != "mesh":
+        raise ConfigError(f"config: parallel.mode={mode} runs on one process's devices; with "
+                          f"{jax.process_count()} processes (hosts) use parallel.mode=mesh")
     if mode == "single":
         return
     n = jax.local_device_count()
@@ -184,7 +187,8 @@ def write_results(run_dir, config, teacher: Model, student: Model, final_state, 
         "data": host.get("data"),  # rows used and skipped (data.skip_bad_rows), with the first skipped rows' errors
         "final_metrics": host.get("last_metrics"),  # the last step's loss terms, norms, lr (and SO8T gauges)
     }
-    write_text(pathlib.Path(run_dir) / "README.md", model_card(results, config))
+    if distributed.is_writer():
+        write_text(pathlib.Path(run_dir) / "README.md", model_card(results, config))
     return results
 
 

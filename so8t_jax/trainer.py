@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from so8t_jax import audit, build, data, evaluate, outputs, seqkd, so8t, stability
+from so8t_jax import audit, build, data, distributed, evaluate, outputs, seqkd, so8t, stability
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.completions import PolicyConfig
 from so8t_jax.loading import Model
@@ -41,7 +41,7 @@ from so8t_jax.optim import OptimConfig
 from so8t_jax.placement import ParallelConfig, Placement
 from so8t_jax.prefetch import Prefetcher
 from so8t_jax.progress import ProgressLogger
-from so8t_jax.runs import check_config, write_json, write_results
+from so8t_jax.runs import check_config, write_results
 from so8t_jax.train_step import TrainState, init_state
 
 
@@ -179,13 +179,13 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
               heldout_enc, placement, state, teacher.params,
               stability.Monitor(stab_cfg, jax.device_get(stability.group_norms(state.params))),
               stability.RollbackPolicy(stab_cfg), Checkpointer(run_dir / "orbax", keep=config.train.keep_checkpoints),
-              stability.SnapshotKeeper(run_dir / "snapshots", stab_cfg.keep_snapshots), audit.AuditLog(run_dir),
-              hooks or Hooks(), start_time, vocab_note)
+              stability.SnapshotKeeper(run_dir / "snapshots", stab_cfg.keep_snapshots),
+              distributed.writer(audit.AuditLog, run_dir), hooks or Hooks(), start_time, vocab_note)
     run.host.update(data=data_report, student_layers=list(kept) if kept else None, seq_kd_cache=seq_kd or None)
     try:  # placed first: a resume restores straight into the placement's shardings (any device count)
         run.state, run.teacher_params = placement.to_device(run.state, run.teacher_params)
         _resume_or_start(run, data.fingerprint(rows))
-        run.logger = ProgressLogger(run_dir / "tensorboard", total=steps, initial=int(run.state.step))
+        run.logger = distributed.writer(ProgressLogger, run_dir / "tensorboard", steps, int(run.state.step))
         run.dispatched = int(run.state.step)
         run.prefetch = Prefetcher(lambda pos: step_batch(run, pos), lambda pos: _following(run, pos))
     except BaseException:
@@ -224,11 +224,11 @@ def _resume_or_start(run: Run, data_fingerprint: str) -> None:
 
 
 def step_batch(run: Run, pos: int) -> dict[str, np.ndarray]:
-    """The batch of a data position, with the accumulation axis [A, B, ...] when grad_accum_steps > 1."""
-    batch = run.batcher.batch(pos)
+    """The batch (this process's rows) of a data position, with the axis [A, B, ...] when grad_accum_steps > 1."""
     accum, b = run.config.optim.grad_accum_steps, run.config.train.batch_size
+    batch = run.batcher.batch(pos, run.placement.local_rows(b, accum))
     if accum > 1:
-        batch = {k: v.reshape(accum, b, *v.shape[1:]) for k, v in batch.items()}
+        batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
     return batch
 
 
@@ -251,7 +251,7 @@ def dispatch(run: Run, pos: int) -> Pending:
     batch = run.prefetch.get(pos) if run.prefetch is not None else step_batch(run, pos)
     if run.hooks.before_step is not None:
         run.state = run.hooks.before_step(pos, run.state)
-    run.state, metrics = run.placement.run(run.state, run.teacher_params, {k: jnp.asarray(v) for k, v in batch.items()},
+    run.state, metrics = run.placement.run(run.state, run.teacher_params, batch,  # numpy: placed by run
                                            jax.random.fold_in(jax.random.key(run.config.seed), pos))
     run.dispatched += 1
     return Pending(pos, run.dispatched, metrics)
@@ -387,7 +387,6 @@ def finish(run: Run) -> dict:
     heldout_after = heldout_loss(run)
     results = write_results(run.run_dir, run.config, run.teacher, run.student, final, run.host, run.meta(),
                             heldout_after, run.resumed_from, run.rollback, run.vocab_note)
-    write_json(run.run_dir / "distillation_results.json", results)  # evaluate_run reads the run's config from it
     run.logger.close()
     results = outputs.export_and_evaluate(run.config, run.run_dir, results, run.log)
     run.log.append(audit.RUN_END, status="finished", step=int(final.step), digest=audit.tree_digest(final.params),

@@ -365,11 +365,9 @@ def test_sharded_load_of_smollm2_never_holds_the_model_on_the_host():
     assert sharded["model"] == whole["model"] > 500e6  # ~540 MB of fp32
     assert sharded["device0"] <= sharded["model"] / 8 * 1.05
     assert sharded["host_peak"] <= 3 * sharded["largest"] < whole["host_peak"]  # one stacked tensor, not the model
-    # on CPU the devices' buffers are process memory too: both hold the model once on the devices; loaded whole,
-    # the host's fp32 stacks and device 0's copy come on top. The resident-set figure depends on the allocator
-    # (freed arenas are not always returned; CI measured 1284 vs 1473 MB), so only its direction is asserted: the
-    # exact host-side measure is tracemalloc's, above.
-    assert sharded["rss_peak"] - sharded["rss_before"] < whole["rss_peak"] - whole["rss_before"]
+    # The resident-set peaks (printed, and in docs/BENCHMARKS.md) are not asserted: on CPU the devices' buffers are
+    # process memory too and what the allocator keeps of freed arenas varies from run to run (CI once measured
+    # 1284 vs 1473 MB, a loaded machine once the reverse order); tracemalloc's host peak above is the exact check.
 
 
 @pytest.mark.slow
