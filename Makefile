@@ -38,11 +38,11 @@ tensorboard:
 	$(PY) -m tensorboard.main --logdir $(RUN)/tensorboard
 
 test:
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" --durations=25 tests
 
 # real-size end-to-end checks (SmolLM2 teacher on 8 fake devices, ...): minutes each; CI runs them after `make test`
 test-slow:
-	$(PY) -m pytest -n 2 --dist loadfile -m slow tests
+	$(PY) -m pytest -n 2 --dist loadfile -m slow --durations=15 tests
 
 lint:
 	$(VENV)/bin/ruff check so8t_jax scripts tests configs
