@@ -36,8 +36,9 @@ def main():
     text = quality.results_markdown(table, " ".join(["python", "scripts/quality.py", *sys.argv[1:]]),
                                     f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores")
     print(text)
-    if args.results:
-        runs.write_text(pathlib.Path(args.results), text)
+    if args.results:  # the generated section only; the rest of the file is kept
+        path = pathlib.Path(args.results)
+        runs.write_text(path, quality.with_section(path.read_text(encoding="utf-8") if path.exists() else "", text))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def test_recipes_differ_only_in_the_completion_source(tmp_path):
     assert flat["kd"]["student"] == flat["gkd"]["student"] and flat["kd"]["data"] == flat["seq_kd"]["data"]
 
 
+def test_results_section_is_replaced_and_the_rest_kept():
+    doc = "# Results\n\n## Older section\n\nkept\n"
+    once = quality.with_section(doc, "## Distillation quality\n\n| a |\n")
+    assert once.startswith("# Results\n\n" + quality.BEGIN + "\n## Distillation quality\n\n| a |\n" + quality.END)
+    assert once.endswith("## Older section\n\nkept\n")
+    twice = quality.with_section(once, "## Distillation quality\n\n| b |\n")
+    assert "| a |" not in twice and "| b |" in twice and twice.count(quality.BEGIN) == 1
+    assert twice.replace("| b |", "| a |") == once  # only the section changed
+    assert quality.with_section("", "## T\n").startswith("# Results\n\n" + quality.BEGIN)
+
+
 @pytest.mark.slow
 def test_smoke_table(tmp_path):
     """Two recipes at the smoke budget with the real SmolLM2 teacher: the table and RESULTS-style markdown."""

@@ -25,6 +25,10 @@ STEPS = 24
 TERMS = ("kd", "ce", "hidden", "so8t", "pet", "safety", "verification")
 
 
+# one real-size SO8T run (SmolLM2 teacher, ~2.5 min on 2 cores) shared by the module: with the slow tests in CI
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("so8t_run")

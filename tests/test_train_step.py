@@ -320,6 +320,8 @@ def test_dataset_branch_of_policy_step_equals_plain_step():
                if int(completions.choose_source(jax.random.key(i), POLICY)) == 0)
     step_p, _ = train_step.make_step(STUDENT, TEACHER, lc, OPT, policy=POLICY)
     s_policy, m = jax.jit(step_p)(state, teacher, batch, key)
-    s_plain, _ = _single(state, teacher, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, lc)
+    # prompt_ids kept: the chunked losses start at the same position (bitwise equality needs one summation order)
+    s_plain, _ = _single(state, teacher, {k: batch[k] for k in ("input_ids", "attention_mask", "labels",
+                                                                "prompt_ids")}, lc)
     assert float(m["on_policy"]) == 0.0
     _assert_trees_close(s_policy.params, s_plain.params, atol=0)

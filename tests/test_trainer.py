@@ -269,6 +269,7 @@ def test_bad_teacher_file_is_one_clear_line(tmp_path):
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0]
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: CI runs it with the slow tests
 def test_default_job_runs_on_smollm2(tmp_path):
     """The default job (configs/gkd.py: SmolLM2 GGUF teacher, 8-layer student, builtin prompts, on-policy GKD)
     with short overrides."""
