@@ -309,8 +309,8 @@ class Checkpointer:
         """Remove the tmp folders killed saves left in steps/, best/ and final/ ("kind/name" of each); only the
         run that owns the folder may call this (see `discard_uncommitted`)."""
         self.wait()
-        gone = [f"{kind}/{name}" for kind in ("steps", "best", "final") if distributed.is_writer()
-                for name in discard_uncommitted(os.path.join(self.directory, kind))]
+        gone = [f"{kind}/{name}" for kind in ("steps", "best", "final")
+                for name in discard_uncommitted(os.path.join(self.directory, kind))] if distributed.is_writer() else []
         distributed.barrier(f"discard {self.directory}")
         return gone
 

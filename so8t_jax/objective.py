@@ -162,10 +162,10 @@ def _token_terms(student, teacher_params, s_out, t_out, batch, counts, s_cfg, t_
     num_valid = counts["targets"]
     verify = lc.verification_weight > 0
     terms, agree_BxL = {}, None
+    s0 = _first_target(batch)  # the chunked losses' first position
     if lc.kd_weight > 0 or (verify and lc.chunk_size):
         kw = dict(kind=lc.divergence, beta=lc.jsd_beta, temperature=lc.temperature, num_valid=num_valid)
         if lc.chunk_size:
-            s0 = _first_target(batch)
             kd = losses.chunked_divergence(
                 s_out.hidden[:, s0:-1], model_lib.lm_head(student, s_cfg), t_out.hidden[:, s0:-1],
                 model_lib.lm_head(teacher_params, t_cfg), target_mask_BxL[:, s0:], chunk_size=lc.chunk_size,
@@ -181,7 +181,6 @@ def _token_terms(student, teacher_params, s_out, t_out, batch, counts, s_cfg, t_
         agree_BxL = losses.argmax_agreement(s_out.logits[:, :-1], t_out.logits[:, :-1])
     if lc.ce_weight > 0:
         if lc.chunk_size:
-            s0 = _first_target(batch)
             terms["ce"] = losses.chunked_cross_entropy(s_out.hidden[:, s0:-1], model_lib.lm_head(student, s_cfg),
                                                        labels[:, 1 + s0:], lc.chunk_size, num_valid=num_valid)
         else:
