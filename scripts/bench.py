@@ -5,6 +5,12 @@
     python scripts/bench.py generate [--path FILE.gguf] [--batch 8] [--prompt-len 32] [--new 64]
     python scripts/bench.py quantized [--path A.gguf,B.gguf] [--batch 8] [--length 128]   # forward: dense vs
         # kept quantized (so8t_jax/quant.py), each in a fresh process: time, argument / temp bytes, peak RSS
+    python scripts/bench.py quantized_step --teacher-preset qwen2-7b --student-preset qwen2-0.5b [--qtype Q4_K]
+        [--dtype bfloat16] [--batch 8] [--prompt-len 128] [--new 128] [--lmbda 0] [--freeze embed] [--compile-only]
+        # the trainer's step with a random teacher kept quantized beside a float32-master student, in its own
+        # process: time and device peak; --compile-only: XLA's memory_analysis of the compiled step, not run
+    python scripts/bench.py trainer [--config gkd.py] [--steps 12] [--lmbda 0] [--repeats 5]
+        # the training loop's median seconds a step against the compiled step it runs (same run, same batch)
     python scripts/bench.py step [--teacher-preset smollm2-135m] [--student-layers 8] [--batch 8] [--prompt-len 32]
                                  [--new 64] [--chunk 0]
     python scripts/bench.py so8t_step [same flags as step]   # the SO8T recipe's step: plain, + gates, + heads
@@ -48,9 +54,15 @@ def main():
     ap.add_argument("--chunk", type=int, default=0, help="step: chunk size of the chunked losses (0: plain)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--config", default="gkd.py", help="trainer: the run config")
+    ap.add_argument("--steps", type=int, default=12, help="trainer: steps of the loop")
+    ap.add_argument("--qtype", default="Q4_K", help="quantized_step: the teacher's block type")
+    ap.add_argument("--freeze", default="", help="quantized_step: student parameters not trained (optim.freeze)")
+    ap.add_argument("--compile-only", action="store_true", help="quantized_step: compile, report memory, no run")
     ap.add_argument("--transformers", action="store_true", help="also time transformers on the same task")
     ap.add_argument("--framework", choices=bench.FRAMEWORKS, default="so8t_jax", help="gkd_step: whose step")
-    ap.add_argument("--lmbda", type=float, default=0.0, help="gkd_step: 0 dataset completions, 1 on-policy")
+    ap.add_argument("--lmbda", type=float, default=0.0,
+                    help="gkd_step, quantized_step, trainer: 0 dataset completions, 1 on-policy")
     ap.add_argument("--cases", type=int, default=1000, help="fuzz: how many mutated files")
     ap.add_argument("--seed", type=int, default=0, help="fuzz: the mutations' seed")
     ap.add_argument("--out", default="fuzz.json", help="fuzz: where the JSON of outcomes goes")

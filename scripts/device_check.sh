@@ -4,7 +4,9 @@
 #   1. the GPU's name (nvidia-smi) and the library versions
 #   2. bench.py compare: TRL's GKDTrainer step vs ours at Qwen2-7B -> Qwen2-0.5B shapes (bf16, batch 8,
 #      128 prompt + 128 new tokens), lmbda 0 and 1, each in its own process, then the ratios
-#   3. bench.py step: our trainer-shaped step (the teacher cut to an 8-layer student, as the trainer builds it)
+#   3. bench.py quantized_step: the trainer's step with a Qwen2-7B-shaped teacher kept in Q4_K beside a
+#      float32-master Qwen2-0.5B student (bf16 compute, embeddings frozen, batch 8, 128 + 128): time and peak
+#   4. bench.py step: our trainer-shaped step (the teacher cut to an 8-layer student, as the trainer builds it)
 #      at the shapes of docs/BENCHMARKS.md's "Distillation step" table, for its GPU column
 # Every JSON line is printed and appended, with date, device and command, to $OUT/device_check.jsonl
 # ($OUT set) or docs/device_check.jsonl.
@@ -12,17 +14,20 @@
 #   bash scripts/device_check.sh
 #   DEVICE_CHECK_TINY=1 bash scripts/device_check.sh     # CPU smoke run: smollm2-135m -> 2 layers, batch 2, 16+16
 #
-# Overrides: PYTHON (python), COMPARE_ARGS, STEP_ARGS, COMPARE_TIMEOUT (290 s), STEP_TIMEOUT (100 s), each killed
-# 5 s after its limit; with nvidia-smi's 20 s and the imports' 60 s no run passes 8 minutes.
+# Overrides: PYTHON (python), COMPARE_ARGS, QUANT_ARGS, STEP_ARGS, COMPARE_TIMEOUT (260 s), QUANT_TIMEOUT (75 s),
+# STEP_TIMEOUT (60 s), each killed 5 s after its limit; with nvidia-smi's 20 s and the imports' 60 s no run passes
+# 8 minutes and a quarter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
 if [[ "${DEVICE_CHECK_TINY:-0}" == 1 ]]; then
     COMPARE_ARGS=${COMPARE_ARGS:---teacher-preset smollm2-135m --student-layers 2 --batch 2 --prompt-len 16 --new 16 --dtype float32 --repeats 2}
+    QUANT_ARGS=${QUANT_ARGS:---teacher-preset smollm2-135m --student-preset smollm2-135m --qtype Q4_0 --dtype float32 --batch 2 --prompt-len 16 --new 16 --repeats 1}
     STEP_ARGS=${STEP_ARGS:---teacher-preset smollm2-135m --student-layers 2 --batch 2 --prompt-len 16 --new 16 --repeats 1}
 else
     COMPARE_ARGS=${COMPARE_ARGS:---teacher-preset qwen2-7b --student-preset qwen2-0.5b --batch 8 --prompt-len 128 --new 128 --dtype bfloat16 --repeats 3}
+    QUANT_ARGS=${QUANT_ARGS:---teacher-preset qwen2-7b --student-preset qwen2-0.5b --qtype Q4_K --dtype bfloat16 --freeze embed --batch 8 --prompt-len 128 --new 128 --repeats 3}
     STEP_ARGS=${STEP_ARGS:---teacher-preset smollm2-135m --student-layers 8 --batch 8 --prompt-len 32 --new 64 --repeats 3}
 fi
 RESULTS=${OUT:-docs}/device_check.jsonl
@@ -60,7 +65,9 @@ with open(sys.argv[2], "a") as out:
 
 start=$(date +%s)
 # shellcheck disable=SC2086  # the *_ARGS are word lists
-run "${COMPARE_TIMEOUT:-290}" "$PYTHON" scripts/bench.py compare $COMPARE_ARGS
+run "${COMPARE_TIMEOUT:-260}" "$PYTHON" scripts/bench.py compare $COMPARE_ARGS
 # shellcheck disable=SC2086
-run "${STEP_TIMEOUT:-100}" "$PYTHON" scripts/bench.py step $STEP_ARGS
+run "${QUANT_TIMEOUT:-75}" "$PYTHON" scripts/bench.py quantized_step $QUANT_ARGS
+# shellcheck disable=SC2086
+run "${STEP_TIMEOUT:-60}" "$PYTHON" scripts/bench.py step $STEP_ARGS
 echo "device_check: done in $(( $(date +%s) - start )) s; results appended to $RESULTS"

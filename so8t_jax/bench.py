@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from so8t_jax import completions, objective, optim, placement, quant_bench, so8t, train_step
+from so8t_jax import completions, loop_bench, objective, optim, placement, quant_bench, so8t, train_step
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 from so8t_jax.loading import as_dtype, load, smollm2_gguf
@@ -393,4 +393,5 @@ def bench_crash(args):
 
 BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step,
               "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "compare": bench_compare,
-              "fuzz": bench_fuzz, "crash": bench_crash, "quantized": quant_bench.bench}
+              "fuzz": bench_fuzz, "crash": bench_crash, "quantized": quant_bench.bench,
+              "quantized_step": quant_bench.bench_step, "trainer": loop_bench.bench}

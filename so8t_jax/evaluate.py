@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from so8t_jax import build, data, so8t
+from so8t_jax import build, data, quant, so8t
 from so8t_jax import model as model_lib
 from so8t_jax.conventions import IGNORE_INDEX
 from so8t_jax.loading import Model, load
@@ -39,8 +39,6 @@ from so8t_jax.metrics import (
 from so8t_jax.runs import write_json
 from so8t_jax.sampling import GREEDY, make_sample_fn
 
-_F32 = jnp.float32
-
 
 @functools.lru_cache(maxsize=32)
 def _score_fn(cfg, n_completion: int):
@@ -50,7 +48,7 @@ def _score_fn(cfg, n_completion: int):
     def fn(params, input_ids_BxL, mask_BxL):
         hidden_BxLxD = model_lib.forward(params, cfg, input_ids_BxL, mask_BxT=mask_BxL, logits=False).hidden
         h_BxMxD = hidden_BxLxD[:, hidden_BxLxD.shape[1] - n_completion - 1:]
-        logits = jnp.einsum("BMD,DV->BMV", h_BxMxD, model_lib.lm_head(params, cfg), preferred_element_type=_F32)
+        logits = quant.project(h_BxMxD, model_lib.lm_head(params, cfg))  # [B, M, V] float32
         n_prompt = hidden_BxLxD.shape[1] - n_completion
         safety = so8t.safety_logits(params, hidden_BxLxD[:, :n_prompt], mask_BxL[:, :n_prompt]) \
             if "safety_head" in params else None

@@ -107,13 +107,12 @@ def load(path, dtype="float32", allow_nonfinite: bool = False, quantized: bool =
     quantized=True (GGUF files only; folders load dense): Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrices stay
     packed on the device and are dequantized inside the matmuls (quant.py); `dtype` is what they compute in.
     shardings: (param path, shape) -> Sharding (sharding.loader_shardings): each dense tensor is built straight
-    into its shards on its devices (weights/common.assemble), never whole on the host or one device (a quantized
-    or converted model loads whole; placement.py shards it after)."""
+    into its shards on its devices (weights/common.assemble; quant.load_gguf for the packed blocks), never whole
+    on the host or one device (a converted folder loads whole; placement.py shards it after)."""
     path = pathlib.Path(path)
     dtype = as_dtype(dtype)
     if path.is_file():
-        cfg, params, _ = quant.load_gguf(path, dtype, allow_nonfinite) if quantized else \
-            load_gguf(path, dtype, allow_nonfinite, shardings)
+        cfg, params, _ = (quant.load_gguf if quantized else load_gguf)(path, dtype, allow_nonfinite, shardings)
         return Model(cfg, _with_heads(path, cfg, params), path,
                      _tokenizer_loader=_auto_tokenizer(path.parent, gguf_file=path.name))
     if not path.exists():

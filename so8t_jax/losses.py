@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
+from so8t_jax import quant
 from so8t_jax.conventions import IGNORE_INDEX
 
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -163,8 +164,9 @@ def _to_chunks(x_BxLx_, chunk_size, n_pad):
 
 
 def _logits(hidden_CxD, head_DxV):
-    # Inputs keep their dtype (no fp32 copy of a bf16 head); accumulation and all that follows is fp32.
-    return jnp.dot(hidden_CxD, head_DxV, preferred_element_type=_F32)
+    # Inputs keep their dtype (no fp32 copy of a bf16 head); accumulation and all that follows is fp32. A quantized
+    # teacher's head (quant.QuantizedWeight) is dequantized a slice of the vocabulary at a time.
+    return quant.project(hidden_CxD, head_DxV)
 
 
 def chunked_divergence(student_hidden_BxLxDs, student_head_DsxV, teacher_hidden_BxLxDt, teacher_head_DtxV,

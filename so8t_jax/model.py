@@ -15,7 +15,8 @@ the layers are stacked on a leading Y axis and scanned, so compile time does not
             attn_gate, mlp_gate [Y, Z, 28]  + so8t_alpha [] at the top level     (SO(8) gates, so8t.py)
 
 Norm weights are stored as the effective multiplier (gemma's 1 + w is folded in at import). A quantized teacher's
-matrices and embeddings are quant.QuantizedWeight leaves: quant.einsum / quant.take dequantize them in the trace.
+matrices and embeddings are quant.QuantizedWeight leaves: quant.einsum / quant.take / quant.project dequantize them
+in the trace (the output layer a slice of the vocabulary at a time).
 
 Attention: a forward without a cache (training, scoring) and a prefill into a cache go through
 jax.nn.dot_product_attention with a boolean mask (causal by position, padding keys out, gemma3's sliding window on
@@ -253,8 +254,9 @@ def embed(params: Params, cfg: ModelConfig, tokens_BxT):
 
 
 def lm_head(params: Params, cfg: ModelConfig):
-    """The output projection [D, V] (the transposed embedding when tied), dense (a quantized one dequantized)."""
-    return quant.dequantize(params["embed"]).T if cfg.tie_embeddings else quant.dequantize(params["lm_head"])
+    """The output projection [D, V] (the transposed embedding when tied); a quantized one stays packed, for
+    quant.project to dequantize a slice of the vocabulary at a time."""
+    return quant.head(params["embed"]) if cfg.tie_embeddings else params["lm_head"]
 
 
 def remat_policy(remat: str | bool):
@@ -329,8 +331,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, *, positions_BxT=None,
     hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
     out_logits = None
     if logits:
-        out_logits = jnp.einsum("BTD,DV->BTV", hidden, lm_head(params, cfg),
-                                preferred_element_type=jnp.float32)
+        out_logits = quant.project(hidden, lm_head(params, cfg))  # [B, T, V] float32
     new_cache = None
     if cache is not None:  # the new tokens' keys / values of every layer [Y, B, T, K, H] into their slots
         new_cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, new, cache.index, axis=2)

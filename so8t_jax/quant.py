@@ -164,6 +164,46 @@ def einsum(spec: str, x, w, **kw):
     return jnp.einsum(spec, x, dequantize(w), **kw)
 
 
+HEAD_CHUNK_ROWS = 8192  # vocabulary rows of a quantized output layer dequantized at a time (project)
+
+
+def head(w):
+    """An embedding [V, D] as the output layer [D, V] (a tied model's lm_head): the transpose, or for a quantized
+    one the same blocks viewed transposed (nothing is dequantized)."""
+    if not is_quantized(w):
+        return w.T
+    if w.transposed or w.blocks.ndim != 3:
+        raise ValueError(f"head needs an unstacked [V, D] embedding, got {w.shape} (transposed={w.transposed})")
+    return w.replace(transposed=True, dense_shape=tuple(reversed(w.dense_shape)))
+
+
+def project(h, head_DxV, chunk_rows: int = HEAD_CHUNK_ROWS):
+    """float32 logits h [..., D] @ head [D, V] (inputs in their dtype, float32 accumulation). A quantized head
+    (its blocks: one file row per vocabulary entry) is dequantized chunk_rows vocabulary rows at a time inside a
+    loop that writes each slice's logits into place, so its dense [D, V] never exists whole: an output layer is
+    the largest matrix of a model (e.g. Qwen2-7B's 152064 x 3584, 1.1 GB in bfloat16 against 0.3 GB in Q4_K)."""
+    if not is_quantized(head_DxV):
+        return jnp.einsum("...D,DV->...V", h, head_DxV, preferred_element_type=jnp.float32)
+    w = head_DxV
+    if not w.transposed or w.blocks.ndim != 3 or w.codes is not None:
+        raise ValueError(f"project needs an unstacked [D, V] output layer of one type, got {w.qtypes} {w.shape}")
+
+    @jax.checkpoint  # a gradient recomputes the rows: no [n, chunk_rows, D] stack of them is kept as residuals
+    def part(b_RxNBxS):  # [..., R] logits of R vocabulary rows
+        rows = decode(w.qtypes[0], b_RxNBxS).astype(w.dtype)  # [R, D]
+        return jnp.einsum("...D,VD->...V", h, rows, preferred_element_type=jnp.float32)
+
+    v = w.blocks.shape[0]
+    if v <= chunk_rows:
+        return part(w.blocks)
+
+    def write(i, out):  # chunk i's logits into place; the last chunk starts at V - chunk_rows (overlap rewritten)
+        start = jnp.minimum(i * chunk_rows, v - chunk_rows)
+        rows = jax.lax.dynamic_slice_in_dim(w.blocks, start, chunk_rows)  # read in place, not copied
+        return jax.lax.dynamic_update_slice_in_dim(out, part(rows), start, axis=out.ndim - 1)
+    return jax.lax.fori_loop(0, -(-v // chunk_rows), write, jnp.zeros((*h.shape[:-1], v), jnp.float32))
+
+
 def take(w, ids):
     """Rows `ids` of an embedding [V, D] (jnp.take(w, ids, axis=0)); quantized: only those rows' blocks are
     decoded."""
@@ -249,29 +289,42 @@ def _host_dense(cfg, part: str, p: _Packed) -> np.ndarray:
     return names.to_ours(cfg, part, rows, names.GGUF)
 
 
-def _leaf(cfg, part: str, values: list, dtype, stacked: bool):
+def _put(x: np.ndarray, path: str, shardings):
+    """A host array onto the device: whole, or (shardings: sharding.loader_shardings) straight into this process's
+    shards of it, each device receiving only its slice."""
+    if shardings is None:
+        return jnp.asarray(x)
+    return jax.make_array_from_callback(x.shape, shardings(path, x.shape), lambda index: x[index])
+
+
+def _leaf(cfg, part: str, values: list, dtype, stacked: bool, shardings=None):
     """The param of one part from its per-layer values: dense, or a QuantizedWeight (one type, or types of one
     block size padded to the widest with per-layer codes), or dense again when the layers' block sizes differ."""
+    path = f"layers/{part}" if stacked else part
     qtypes = sorted({v.qtype for v in values if isinstance(v, _Packed)})
     one_size = qtypes and all(isinstance(v, _Packed) for v in values) \
         and len({block_size(t)[0] for t in qtypes}) == 1
     if not one_size:
         dense = [_host_dense(cfg, part, v) if isinstance(v, _Packed) else v for v in values]
-        return jnp.asarray(np.stack(dense) if stacked else dense[0], dtype)
+        return _put(np.asarray(np.stack(dense) if stacked else dense[0], dtype), path, shardings)
     width = max(block_size(t)[1] for t in qtypes)
     rows, nb = values[0].blocks.shape[:2]
     blocks = np.zeros((len(values), rows, nb, width), np.uint8)
     for i, v in enumerate(values):
         blocks[i, ..., :v.blocks.shape[-1]] = v.blocks
-    codes = None if len(qtypes) == 1 else jnp.asarray([qtypes.index(v.qtype) for v in values], jnp.int32)
+    codes = None if len(qtypes) == 1 else np.asarray([qtypes.index(v.qtype) for v in values], np.int32)
     shape = _dense_shape(cfg, part, rows, nb * block_size(qtypes[0])[0])
-    return QuantizedWeight(jnp.asarray(blocks if stacked else blocks[0]),
-                           codes if stacked or codes is None else codes[0], tuple(qtypes), shape,
-                           _TRANSPOSED[part], jnp.dtype(dtype).name)
+    return QuantizedWeight(_put(blocks if stacked else blocks[0], f"{path}/blocks", shardings),
+                           None if codes is None else _put(codes if stacked else codes[0], f"{path}/codes",
+                                                           shardings),
+                           tuple(qtypes), shape, _TRANSPOSED[part], jnp.dtype(dtype).name)
 
 
-def load_gguf(path, dtype=jnp.float32, allow_nonfinite: bool = False):
-    """gguf.load_gguf's (config, params, file) with the quantized matrices kept as QuantizedWeight leaves."""
+def load_gguf(path, dtype=jnp.float32, allow_nonfinite: bool = False, shardings=None):
+    """gguf.load_gguf's (config, params, file) with the quantized matrices kept as QuantizedWeight leaves.
+    shardings (sharding.loader_shardings): each leaf, packed blocks included (split on their file rows), goes
+    straight into its shards as it is read, one file entry (every layer of one matrix) at a time: peak host
+    memory is about one stacked packed tensor, never the model, and no device holds more than its shards."""
     f = gguf_w.GGUFFile(path)
     gguf_checks.check_metadata(f)
     cfg = gguf_w.config_from_gguf(f)
@@ -285,7 +338,8 @@ def load_gguf(path, dtype=jnp.float32, allow_nonfinite: bool = False):
             for part, w in _read(f, cfg, names.file_name(entry, names.GGUF, i), leaf, allow_nonfinite).items():
                 values.setdefault(part, []).append(w)
         for part, vs in values.items():
-            (params["layers"] if entry.per_layer else params)[part] = _leaf(cfg, part, vs, dtype, entry.per_layer)
+            (params["layers"] if entry.per_layer else params)[part] = _leaf(cfg, part, vs, dtype, entry.per_layer,
+                                                                            shardings)
     return cfg, params, f
 
 

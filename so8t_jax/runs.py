@@ -162,6 +162,14 @@ def _alive(pid: str) -> bool:
     return True
 
 
+def steady_step_time(history) -> float | None:
+    """The median wall time between consecutive steps' records (the loop's steady pace: compilation, a resume's
+    gap and occasional periodic work fall outside the median); None with fewer than three records."""
+    gaps = [b["time"] - a["time"] for a, b in zip(history, history[1:])
+            if "time" in a and "time" in b and b["step"] == a["step"] + 1]
+    return round(float(np.median(gaps[1:])), 4) if len(gaps) > 1 else None  # gaps[0]: the first step's compile
+
+
 def write_results(run_dir, config, teacher: Model, student: Model, final_state, host, meta, heldout_after,
                   resumed_from, policy_rb, vocab_note) -> dict:
     losses = [h["loss"] for h in host["history"]]
@@ -183,6 +191,7 @@ def write_results(run_dir, config, teacher: Model, student: Model, final_state, 
         "rollbacks": policy_rb.rollbacks, "rollback_events": policy_rb.events,
         "wall_time_s": round(elapsed, 2), "tokens": host["tokens"],
         "tokens_per_s": round(host["tokens"] / elapsed, 1) if elapsed > 0 else None,
+        "step_time_s": steady_step_time(host["history"]),
         "vocab_note": vocab_note,
         "data": host.get("data"),  # rows used and skipped (data.skip_bad_rows), with the first skipped rows' errors
         "final_metrics": host.get("last_metrics"),  # the last step's loss terms, norms, lr (and SO8T gauges)
@@ -234,7 +243,8 @@ def model_card(r: dict, config) -> str:
 | compression | {r['compression_ratio']}x fewer parameters |
 | data | `{c.data.source}` (held out: {c.data.heldout_fraction:.0%}) |
 | objective | {objective} |
-| steps | {r['steps']} (batch {c.train.batch_size}), {r['wall_time_s']} s, {r['tokens_per_s']} tokens/s |
+| steps | {r['steps']} (batch {c.train.batch_size}), {r['wall_time_s']} s, {r['tokens_per_s']} tokens/s, \
+{r.get('step_time_s')} s a step (median) |
 | loss | first {r['loss']['first']}, last {r['loss']['last']}, min {r['loss']['min']} |
 | held-out loss (final) | {r['evaluation']['heldout_loss_final']} |
 | rollbacks | {r['rollbacks']} |

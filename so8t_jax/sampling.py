@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from so8t_jax import model as model_lib
-from so8t_jax import so8t
+from so8t_jax import quant, so8t
 from so8t_jax.config import ModelConfig
 
 PROMPT_BUCKET = 16  # generate() pads prompt lengths up to a multiple of this to bound recompiles
@@ -163,8 +163,7 @@ class SampleOutput(NamedTuple):
 
 def _last_logits(params, cfg: ModelConfig, hidden_BxTxD):
     """float32 logits of the last position only (never the [B, T, V] block of a whole prompt)."""
-    return jnp.einsum("BD,DV->BV", hidden_BxTxD[:, -1], model_lib.lm_head(params, cfg),
-                      preferred_element_type=jnp.float32)
+    return quant.project(hidden_BxTxD[:, -1], model_lib.lm_head(params, cfg))  # [B, V]
 
 
 def sample(params, cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, key, *, max_new_tokens: int,

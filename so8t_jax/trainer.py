@@ -318,7 +318,7 @@ def record(run: Run, metrics: dict[str, float], tokens: int, step: int | None = 
     """A healthy step's history, token count, last metrics and progress / TensorBoard line."""
     step = run.dispatched if step is None else step
     run.host["tokens"] += tokens
-    run.host["history"].append({"step": step, "loss": metrics["loss"]})
+    run.host["history"].append({"step": step, "loss": metrics["loss"], "time": round(time.time(), 3)})
     run.host["last_metrics"] = metrics
     run.logger.step(step, metrics, tokens)
 

@@ -93,6 +93,6 @@ def test_device_check_tiny_path_runs_on_cpu(tmp_path):
     done = _device_check(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows((tmp_path / "device_check.jsonl").read_text())
-    assert [r["bench"] for r in rows] == ["gkd_step"] * 4 + ["compare_ratio", "step", "step"]
+    assert [r["bench"] for r in rows] == ["gkd_step"] * 4 + ["compare_ratio", "quantized_step", "step", "step"]
     assert all(r["date"] and r["device_name"].startswith("cpu") and "scripts/bench.py" in r["command"] for r in rows)
     assert rows[0]["teacher"] == "smollm2-135m" and rows[0]["student_layers"] == 2 and rows[0]["batch"] == 2

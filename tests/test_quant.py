@@ -169,6 +169,52 @@ def test_greedy_sampling_with_a_quantized_model_equals_dense(files):
     assert np.asarray(want.mask_BxN).all()  # no eos: ten tokens each
 
 
+@pytest.mark.parametrize("case", [("qwen2", "Q4_0"), ("llama", "Q8_0")], ids=["tied", "untied"])
+def test_quantized_output_layer_is_dequantized_a_slice_of_the_vocabulary_at_a_time(files, case):
+    """quant.project with a packed head (a tied embedding viewed transposed, or lm_head) gives the logits of its
+    dequantized float32 matrix, for chunk sizes that do and do not divide the vocabulary; compiled, its
+    temporaries hold a slice of the head, not the dense [D, V] matrix."""
+    q, d = so8t_jax.load(files[case], quantized=True), so8t_jax.load(files[case])
+    cfg = q.config
+    head_q, head_d = model_lib.lm_head(q.params, cfg), model_lib.lm_head(d.params, cfg)
+    assert quant.is_quantized(head_q) and head_q.shape == head_d.shape == (cfg.d_model, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(head_q)), np.asarray(head_d))
+    h = jax.random.normal(jax.random.key(0), (3, 5, cfg.d_model))
+    want = np.asarray(h, np.float64) @ np.asarray(head_d, np.float64)
+    for rows in (cfg.vocab_size, 64, 37):
+        got = quant.project(h, head_q, chunk_rows=rows)
+        chex.assert_shape(got, (3, 5, cfg.vocab_size))
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    dense_bytes = cfg.d_model * cfg.vocab_size * 4
+    mem = jax.jit(lambda hh, w: quant.project(hh, w, chunk_rows=32)).lower(h, head_q).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < dense_bytes / 2, (mem.temp_size_in_bytes, dense_bytes)
+    # the whole forward's logits too (model.forward goes through quant.project)
+    tokens = _tokens(cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(q.logits(tokens)), np.asarray(d.logits(tokens)), atol=1e-4, rtol=0)
+
+
+def test_quantized_load_goes_straight_into_shards(files):
+    """load(..., quantized=True, shardings=...) on an fsdp 4 x tensor 2 mesh: every leaf (packed blocks split on
+    their file rows, mixed-type codes, dense norms) is built on its table sharding with the unsharded load's
+    values, and the teacher's logits are the same."""
+    from so8t_jax import sharding
+    mesh = sharding.ParallelConfig(mode="mesh", data=1, fsdp=4, tensor=2).mesh()
+    for case in (("llama_k", "Q4_K"), ("qwen2", "Q4_0")):
+        path = files[case]
+        whole = so8t_jax.load(path, quantized=True)
+        got = so8t_jax.load(path, quantized=True, shardings=sharding.loader_shardings(mesh))
+        chex.assert_trees_all_equal(jax.device_get(got.params), jax.device_get(whole.params))
+        specs = sharding.param_specs(whole.params, mesh)
+        jax.tree_util.tree_map(lambda x, s: x.sharding.spec == s or pytest.fail(f"{x.sharding} vs {s}"),
+                               got.params, specs)
+        blocks = got.params["layers"]["down"].blocks
+        assert blocks.sharding.spec[1] == ("fsdp", "tensor")
+        assert blocks.addressable_shards[0].data.shape[1] == blocks.shape[1] // 8
+        tokens = _tokens(got.config.vocab_size)
+        # the same values; the sharded matmuls sum in another order (float32 rounding, ~2e-5 on logits of ~5)
+        np.testing.assert_allclose(np.asarray(got.logits(tokens)), np.asarray(whole.logits(tokens)), atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 
@@ -198,6 +244,42 @@ def test_training_with_a_quantized_teacher_equals_the_dense_teacher(files, tmp_p
     assert min(dense_losses) > 0.1  # a random student: the teacher's logits matter
     np.testing.assert_allclose(packed_losses, dense_losses, rtol=1e-5)
     chex.assert_trees_all_close(packed.state.params, dense.state.params, atol=1e-5)
+
+
+def test_random_quantized_teacher_and_its_step_row():
+    """bench.py quantized_step's teacher: every matrix a QuantizedWeight of the dense layout's shape, holding the
+    file bytes its type implies, finite when dequantized; abstract leaves with the same shapes; the step row
+    runs (and compiles from abstract arguments) with its memory figures."""
+    import types
+
+    from so8t_jax import quant_bench
+    from so8t_jax.config import ModelConfig
+    t_cfg = ModelConfig(family="qwen2", vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        head_dim=16, ffn_dim=96, attn_bias=True)
+    s_cfg = t_cfg.replace(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
+    dense = model_lib.init_params(t_cfg, jax.random.key(0))
+    got = quant_bench.random_quantized(t_cfg, "float32", "Q8_0", jax.random.key(1))
+    abstract = quant_bench.random_quantized(t_cfg, "float32", "Q8_0")
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(abstract)
+    for path, x in jax.tree_util.tree_leaves_with_path(dense):
+        q = got
+        for k in path:
+            q = q[k.key]
+        assert q.shape == x.shape, path
+        if quant.is_quantized(q):
+            assert q.nbytes == x.size // 32 * 34  # Q8_0: 34 bytes a block of 32
+            assert np.isfinite(np.asarray(quant.dequantize(q))).all()
+    with pytest.raises(ValueError, match="Q4_K blocks hold 256 values"):
+        quant_bench.random_quantized(t_cfg, "float32", "Q4_K")
+    args = types.SimpleNamespace(teacher_preset="tiny", student_preset="tiny", qtype="Q8_0", dtype="float32",
+                                 batch=2, prompt_len=4, new=4, repeats=1, freeze="embed", compile_only=False)
+    row = quant_bench.step_row(t_cfg, s_cfg, args, 1.0)
+    assert row["seconds"] > 0 and row["teacher_bytes"] == quant.nbytes(got) and row["freeze"] == "embed"
+    assert row["static_peak_bytes"] == row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + \
+        row["temp_bytes"] > row["teacher_bytes"]
+    compiled_only = quant_bench.step_row(t_cfg, s_cfg, types.SimpleNamespace(**{**vars(args), "compile_only": True}),
+                                         1.0)
+    assert "seconds" not in compiled_only and compiled_only["argument_bytes"] == row["argument_bytes"]
 
 
 def test_student_cut_from_a_quantized_teacher_is_dense(files):

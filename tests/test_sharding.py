@@ -330,9 +330,10 @@ from so8t_jax import loading, sharding
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 mesh = sharding.ParallelConfig(mode="mesh", fsdp=8, data=1).mesh()
-before, sharded = rss(), sys.argv[1] == "sharded"
+before, sharded = rss(), sys.argv[1] != "whole"
 tracemalloc.start()  # numpy's host buffers (XLA's CPU device buffers are not Python allocations)
-m = loading.load(loading.smollm2_gguf(), shardings=sharding.loader_shardings(mesh) if sharded else None)
+m = loading.load(loading.smollm2_gguf(), shardings=sharding.loader_shardings(mesh) if sharded else None,
+                 quantized=sys.argv[1] == "quantized")
 params = m.params if sharded else jax.device_put(m.params, sharding.param_shardings(m.params, mesh))
 jax.block_until_ready(params)
 leaves = jax.tree_util.tree_leaves(params)
@@ -347,7 +348,8 @@ print(json.dumps({"host_peak": tracemalloc.get_traced_memory()[1], "rss_before":
 @pytest.mark.slow
 def test_sharded_load_of_smollm2_never_holds_the_model_on_the_host():
     """The SmolLM2 GGUF loaded on an fsdp = 8 mesh, each in a fresh process: straight into shards vs loaded
-    whole then placed. Figures in docs/BENCHMARKS.md ("Sharded students and teachers"); run with -s to see them."""
+    whole then placed, and kept quantized straight into shards. Figures in docs/BENCHMARKS.md ("Sharded students
+    and teachers"); run with -s to see them."""
     import json
     import os
     import subprocess
@@ -355,7 +357,7 @@ def test_sharded_load_of_smollm2_never_holds_the_model_on_the_host():
 
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     out = {}
-    for kind in ("whole", "sharded"):
+    for kind in ("whole", "sharded", "quantized"):
         res = subprocess.run([sys.executable, "-c", _LOAD_CHILD, kind], env=env, capture_output=True, text=True,
                              timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
         assert res.returncode == 0, res.stderr[-3000:]
@@ -365,6 +367,10 @@ def test_sharded_load_of_smollm2_never_holds_the_model_on_the_host():
     assert sharded["model"] == whole["model"] > 500e6  # ~540 MB of fp32
     assert sharded["device0"] <= sharded["model"] / 8 * 1.05
     assert sharded["host_peak"] <= 3 * sharded["largest"] < whole["host_peak"]  # one stacked tensor, not the model
+    # kept quantized (Q4_1 blocks, Q8_0 embedding): the file's ~100 MB, split the same way, host peak ~ one leaf
+    packed = out["quantized"]
+    assert packed["model"] < 0.2 * whole["model"] and packed["device0"] <= packed["model"] / 8 * 1.05
+    assert packed["host_peak"] <= 3 * packed["largest"] < sharded["host_peak"]
     # The resident-set peaks (printed, and in docs/BENCHMARKS.md) are not asserted: on CPU the devices' buffers are
     # process memory too and what the allocator keeps of freed arenas varies from run to run (CI once measured
     # 1284 vs 1473 MB, a loaded machine once the reverse order); tracemalloc's host peak above is the exact check.
