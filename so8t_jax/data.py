@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from so8t_jax import defaults
+from so8t_jax import defaults, teacher_prompts
 from so8t_jax.builtin_prompts import generate_rows
 from so8t_jax.conventions import IGNORE_INDEX
 from so8t_jax.loading import encode_prompt
@@ -90,12 +90,17 @@ def read_rows(source: str, split: str = "train", skip_bad_rows: bool = False,
     return rows, {"rows": len(rows), "skipped": n_bad, "skipped_first": first}
 
 
-def run_rows(config) -> tuple[list[Row], dict]:
+def run_rows(config, teacher=None) -> tuple[list[Row], dict]:
     """A run's rows and read_rows' report (config.data: source, skip_bad_rows, max_row_chars), for the results
-    and the audit log."""
+    and the audit log. A teacher:N[:seed] source (teacher_prompts.py) needs the loaded teacher."""
     d = config.data  # .get: the config of a run from before these keys existed
-    rows, report = read_rows(d.source, skip_bad_rows=d.get("skip_bad_rows", False),
-                             max_row_chars=d.get("max_row_chars"))
+    if teacher_prompts.is_source(d.source):
+        if teacher is None:
+            raise ValueError(f"{d.source}: the teacher writes these rows: pass the loaded teacher")
+        rows, report = teacher_prompts.run_rows(config, teacher)
+    else:
+        rows, report = read_rows(d.source, skip_bad_rows=d.get("skip_bad_rows", False),
+                                 max_row_chars=d.get("max_row_chars"))
     if config.policy.lmbda > 0 or config.policy.seq_kd:
         bare = sum(r.prompt is None for r in rows)
         if bare:  # a completion generated from nothing: no prompt to condition on, no turn to end
@@ -103,6 +108,15 @@ def run_rows(config) -> tuple[list[Row], dict]:
                             f"policy.lmbda = {config.policy.lmbda} / policy.seq_kd = {config.policy.seq_kd} generate "
                             "completions from prompts: use prompt (+ completion) or messages rows, or set "
                             "policy.lmbda=0 and policy.seq_kd=False")
+    p = config.policy
+    offline = min(p.lmbda, p.lmbda_start if p.get("lmbda_schedule", "constant") != "constant" else 1.0) < 1
+    bare = sum(r.prompt is not None and r.completion is None for r in rows)
+    if bare == len(rows) and offline and not p.seq_kd:  # every offline step would train on nothing
+        raise DataError(f"{d.source}: all {bare} rows have a prompt but no completion, and the offline "
+                        f"steps (policy.lmbda = {p.lmbda}, lmbda_start = {p.get('lmbda_start', 0.0)}, schedule "
+                        f"{p.get('lmbda_schedule', 'constant')!r}) train on the dataset's completions: set "
+                        f"policy.seq_kd=True (the teacher completes them once, cached) or policy.lmbda=1 with a "
+                        f"constant schedule (every step on-policy)")
     return rows, report
 
 

@@ -226,13 +226,13 @@ def evaluate_run(run_dir, n_rows: int | None = None, out_dir=None, data_source: 
     kept = tuple(kept) if kept else None
     if jax.process_count() > 1:  # several hosts: the writer evaluates alone, the teacher whole on its own device
         config.parallel.mode = "single"
-    teacher_path, teacher = build.load_teacher(config)
-    teacher, before, _ = build.reconcile_vocab(teacher, build.make_student(config, teacher, kept))
+    teacher_path, loaded = build.load_teacher(config)
+    teacher, before, _ = build.reconcile_vocab(loaded, build.make_student(config, loaded, kept))
     after = load(run_dir / "student", config.student.dtype)
     _, policy = build.step_configs(config, teacher, kept)
 
     if rows is None:
-        rows, _ = data.run_rows(config)  # the rows the trainer split (bad ones skipped as it did)
+        rows, _ = data.run_rows(config, loaded)  # the rows the trainer split (bad ones skipped as it did)
         _, heldout = data.split_heldout(rows, config.data.heldout_fraction, config.seed)
         if not heldout:
             raise ValueError(f"{run_dir}: the run held out no rows (data.heldout_fraction = "

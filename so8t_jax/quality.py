@@ -105,8 +105,8 @@ def run_quality(budget: str, eval_data, out_dir, recipes=tuple(RECIPES), base_co
 def compare_selection(config, eval_rows: int = 16) -> dict:
     """KL per token of the teacher cut to student.layers by student.select = kl and = even, both scored on rows
     the selection did not see (the rows after its first select_rows); the kl choice's time."""
-    rows, _ = data.run_rows(config)
     _, teacher = build.load_teacher(config)
+    rows, _ = data.run_rows(config, teacher)
     start = time.time()
     kept = build.kept_layers(config, teacher, rows)
     seconds = time.time() - start

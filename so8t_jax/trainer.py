@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from so8t_jax import audit, build, data, distributed, evaluate, outputs, seqkd, so8t, stability
+from so8t_jax import audit, build, data, distributed, evaluate, outputs, seqkd, so8t, stability, teacher_prompts
 from so8t_jax.checkpoint import Checkpointer
 from so8t_jax.completions import PolicyConfig
 from so8t_jax.loading import Model
@@ -155,8 +155,10 @@ def setup(config: ml_collections.ConfigDict, hooks: Hooks | None = None) -> Run:
     resume from the latest checkpoint or record the run's start (with a step-0 snapshot)."""
     check_config(config)
     start_time = time.time()
-    rows, data_report = data.run_rows(config)  # a bad row is an error before any model loads
+    written = teacher_prompts.is_source(config.data.source)  # teacher:N: the teacher writes the prompts
+    rows, data_report = (None, None) if written else data.run_rows(config)  # a bad row fails before any load
     teacher_path, teacher = build.load_teacher(config)
+    rows, data_report = data.run_rows(config, teacher) if written else (rows, data_report)
     kept = build.kept_layers(config, teacher, rows)  # student.select: kl measures which layers to keep
     teacher, student, vocab_note = build.reconcile_vocab(teacher, build.make_student(config, teacher, kept))
     loss_cfg, policy = build.step_configs(config, teacher, kept)
