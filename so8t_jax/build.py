@@ -61,16 +61,29 @@ def kept_layers(config, teacher: Model, rows) -> tuple[int, ...] | None:
 
 
 def selection_scorer(config, teacher: Model, rows, completion_len: int, length: int):
-    """select.make_scorer over rows: each encoded (prompt, completion_len completion tokens), cut to `length`
-    tokens, right-padded into one batch."""
+    """select.make_scorer over rows: each encoded (prompt, completion_len completion tokens), right-padded into
+    one batch. The tokens every row begins with (a chat template's system turn and user-turn opening) tell the
+    layers apart on nothing but that text: they are read as context but not scored, and each row keeps `length`
+    tokens after them."""
     enc = data.encode_rows(rows, teacher.tokenizer, config.data.max_prompt_len, completion_len,
                            chat=config.data.chat)
-    seqs = [(list(e.prompt_ids) + list(e.completion_ids))[:length] for e in enc]
+    full = [list(e.prompt_ids) + list(e.completion_ids) for e in enc]
+    shared = shared_prefix(full) if len(full) > 1 else 0
+    seqs = [q[:shared + length] for q in full]
     tokens = np.full((len(seqs), max(map(len, seqs))), pad_id_of(teacher), np.int32)
     mask = np.zeros_like(tokens)
     for i, q in enumerate(seqs):
         tokens[i, :len(q)], mask[i, :len(q)] = q, 1
-    return select.make_scorer(teacher.params, teacher.config, [(tokens, mask)])
+    scored = mask * (np.arange(tokens.shape[1]) >= shared)
+    scored = scored if scored.any() else mask  # identical rows: score them whole
+    return select.make_scorer(teacher.params, teacher.config, [(tokens, mask, scored)])
+
+
+def shared_prefix(seqs) -> int:
+    """The number of leading tokens every sequence has in common."""
+    n = min(map(len, seqs))
+    first = seqs[0]
+    return next((i for i in range(n) if any(q[i] != first[i] for q in seqs)), n)
 
 
 def student_from_teacher(teacher: Model, layers: int | tuple[int, ...], dtype) -> Model:

@@ -38,10 +38,10 @@ def keep_mask(n_teacher: int, kept) -> np.ndarray:
     return mask
 
 
-def make_scorer(params, cfg: ModelConfig, batches: Sequence[tuple[np.ndarray, np.ndarray]]):
-    """score(keep: bool [Y]) -> mean KL(teacher || pruned teacher) per valid token over the batches
-    (input_ids [B, L], attention_mask [B, L]); the teacher's log-probabilities are computed once.
-    score.tokens: the valid tokens it averages over."""
+def make_scorer(params, cfg: ModelConfig, batches: Sequence[tuple[np.ndarray, ...]]):
+    """score(keep: bool [Y]) -> mean KL(teacher || pruned teacher) per scored token over the batches
+    (input_ids [B, L], attention_mask [B, L][, scored [B, L]: the tokens that count, default the valid ones);
+    the teacher's log-probabilities are computed once. score.tokens: the tokens it averages over."""
     # params go in as jit arguments: closed over, they would be constants of the executable, copied into it and
     # constant-folded (a quantized teacher's dequantization done at compile time, for minutes)
     def log_probs(params, keep, tokens, mask):
@@ -49,19 +49,19 @@ def make_scorer(params, cfg: ModelConfig, batches: Sequence[tuple[np.ndarray, np
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
     @jax.jit
-    def kl_sum(params, keep, tokens, mask, ref_logp):
+    def kl_sum(params, keep, tokens, mask, scored, ref_logp):
         logp = log_probs(params, keep, tokens, mask)
         kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
-        return jnp.sum(jnp.where(mask > 0, kl, 0.0))
+        return jnp.sum(jnp.where(scored > 0, kl, 0.0))
 
     full = jnp.ones((cfg.n_layers,), bool)
-    data = [(jnp.asarray(t), jnp.asarray(m)) for t, m in batches]
-    refs = [jax.jit(log_probs)(params, full, t, m) for t, m in data]
-    count = float(sum(np.asarray(m).sum() for _, m in batches))
+    data = [(jnp.asarray(b[0]), jnp.asarray(b[1]), jnp.asarray(b[2] if len(b) > 2 else b[1])) for b in batches]
+    refs = [jax.jit(log_probs)(params, full, t, m) for t, m, _ in data]
+    count = float(sum(np.asarray(w).sum() for _, _, w in data))
 
     def score(keep) -> float:
         keep = jnp.asarray(keep, bool)
-        return float(sum(kl_sum(params, keep, t, m, r) for (t, m), r in zip(data, refs))) / count
+        return float(sum(kl_sum(params, keep, t, m, w, r) for (t, m, w), r in zip(data, refs))) / count
     score.tokens = int(count)
     return score
 

@@ -58,6 +58,28 @@ def test_score_is_the_kl_of_the_cut_model(teacher):
     assert want > 0.05
     np.testing.assert_allclose(score(keep), want, rtol=1e-4)
     assert score(np.ones(8, bool)) == pytest.approx(0.0, abs=1e-6)
+    # with a scored mask: the KL over those tokens only (they still read the others as context)
+    scored = mask.copy()
+    scored[:, :5] = 0
+    score_tail = select.make_scorer(teacher.params, teacher.config, [(tokens, mask, scored)])
+    assert score_tail.tokens == int(scored.sum())
+    np.testing.assert_allclose(score_tail(keep), kl[scored > 0].mean(), rtol=1e-4)
+
+
+def test_selection_scores_what_follows_the_preamble_every_row_shares(teacher):
+    """selection_scorer: the tokens every row begins with (the chat template's system turn and user-turn
+    opening) are context, not scored; each row is scored on `length` tokens after them."""
+    from fixtures import build_tokenizer
+    m = dataclasses.replace(teacher, _tokenizer=build_tokenizer())
+    config = get_config()
+    rows = [Row(f"Question {i}: how many legs have {i} cats?", f"{4 * i}") for i in range(1, 5)]
+    enc = [list(e.prompt_ids) + list(e.completion_ids)
+           for e in build.data.encode_rows(rows, m.tokenizer, 128, 8, chat=True)]
+    shared = build.shared_prefix(enc)
+    assert shared > 5 and all(q[:shared] == enc[0][:shared] for q in enc) and enc[0][shared] != enc[1][shared]
+    score = build.selection_scorer(config, m, rows, 8, 6)
+    assert score.tokens == sum(min(len(q) - shared, 6) for q in enc)
+    assert build.shared_prefix([[1, 2, 3], [1, 2], [1, 2, 5]]) == 2 and build.shared_prefix([[4], [5]]) == 0
 
 
 @pytest.mark.parametrize("exhaustive", [True, False])
