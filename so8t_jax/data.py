@@ -190,14 +190,16 @@ def encode_rows(rows: Sequence[Row], tokenizer, max_prompt_len: int, max_complet
 def prepare(config, rows: Sequence[Row], tokenizer, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
             relabel=None):
     """(training batcher, held-out rows, their encodings): a run's rows split, tokenized and bucketed.
-    relabel: encoded training rows -> the rows to train on (seq_kd: the teacher's completions, seqkd.py)."""
+    relabel: encoded rows -> the rows to train on (seq_kd: the teacher's completions, seqkd.py), applied to the
+    training and the held-out rows."""
     train_rows, heldout_rows = split_heldout(rows, config.data.heldout_fraction, config.seed)
     encode = dict(tokenizer=tokenizer, max_prompt_len=config.data.max_prompt_len,
                   max_completion_len=max_new_tokens, eos_id=eos_ids[0] if eos_ids else None, chat=config.data.chat)
     train_enc = encode_rows(train_rows, **encode)
-    if relabel is not None:
-        train_enc = relabel(train_enc)
     heldout_enc = encode_rows(heldout_rows, **encode) if heldout_rows else []
+    if relabel is not None:  # held-out rows too (one call, one cache): the held-out loss measures what is trained on
+        both = relabel(train_enc + heldout_enc)
+        train_enc, heldout_enc = both[:len(train_enc)], both[len(train_enc):]
     batcher = Batcher(train_enc, config.train.batch_size * config.optim.grad_accum_steps, config.seed,
                       tuple(config.data.prompt_buckets), max_new_tokens, pad_id)
     return batcher, heldout_rows, heldout_enc

@@ -273,8 +273,9 @@ def format_table(metrics: dict) -> str:
 
 def heldout_loss(eval_fn, params, teacher_params, heldout_enc, config, max_new_tokens: int,
                  pad_id: int) -> float | None:
-    """Mean objective over config.train.eval_batches held-out batches (dataset completions); None without any."""
-    if not heldout_enc:
+    """Mean objective over config.train.eval_batches held-out batches (dataset completions); None without any
+    (no held-out row, or none with a completion: prompt-only rows and neither seq_kd nor references)."""
+    if not any(e.completion_ids for e in heldout_enc):
         return None
     c = config
     hb = data.Batcher(heldout_enc, c.train.batch_size, c.seed, tuple(c.data.prompt_buckets), max_new_tokens, pad_id)

@@ -116,7 +116,8 @@ def test_prompt_only_rows_need_seq_kd_or_on_policy_steps(tmp_path):
 
 def test_a_run_on_teacher_written_prompts(teacher_file, tmp_path, monkeypatch):
     """Two steps on 12 requests the (random) teacher wrote, completed by the teacher (seq_kd): the data report
-    names the cache; the run's own held-out rows are teacher-written too, and a rerun reads the cache."""
+    names the cache; the run's own held-out rows are teacher-written and teacher-completed too (a held-out loss),
+    and a rerun reads the cache."""
     monkeypatch.setattr(teacher_prompts, "MAX_NEW_TOKENS", 400)
     kw = {"data.source": "teacher:12", "policy.seq_kd": True, "policy.lmbda": 0.0, "train.steps": 2,
           "train.eval_every": 0, "train.sample_every": 0, "data.heldout_fraction": 0.25}
@@ -124,6 +125,8 @@ def test_a_run_on_teacher_written_prompts(teacher_file, tmp_path, monkeypatch):
     assert results["steps"] == 2 and np.isfinite(results["loss"]["last"]) and results["loss"]["first"] > 0
     info = results["data"]["teacher_prompts"]
     assert results["data"]["rows"] == 12 and not info["hit"]
+    # the held-out requests got the teacher's completions too (seq_kd): a held-out loss, not 0 over no targets
+    assert results["evaluation"]["heldout_loss_final"] > 0
     again = tr.train(tiny_config(teacher_file, tmp_path / "a", **{**kw, "run_name": "rerun"}))
     assert again["data"]["teacher_prompts"] == {**info, "hit": True}
 
