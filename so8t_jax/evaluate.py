@@ -97,6 +97,21 @@ def _batches(enc, batch_size: int, prompt_buckets, n: int, pad_id: int):
         yield start, order, batcher.batch(0), order < len(chunk)
 
 
+def _teacher_references(teacher: Model, enc, sample_fn, batch_size: int, prompt_buckets, n: int, pad_id: int):
+    """(enc with each prompt-only row's completion_ids set to the teacher's greedy continuation, how many): what
+    KL, top-1 and perplexity are scored on for a row that brings no reference (e.g. data.source teacher:N)."""
+    missing = [i for i, e in enumerate(enc) if not e.completion_ids and e.prompt_ids]
+    out = list(enc)
+    for start, order, b, real in _batches([enc[i] for i in missing], batch_size, prompt_buckets, n, pad_id):
+        res = jax.device_get(sample_fn(teacher.params, jnp.asarray(b["prompt_ids"]), jnp.asarray(b["prompt_mask"]),
+                                       None))
+        for slot in np.flatnonzero(real):
+            i = missing[start + int(order[slot])]
+            out[i] = dataclasses.replace(enc[i], completion_ids=tuple(int(t) for t in
+                                                                      res.tokens_BxN[slot, :res.lengths_B[slot]]))
+    return out, len(missing)
+
+
 def _score_batch(models: dict[str, Model], tallies: dict[str, _Tally], sample_fns, start, order, b, real, n: int):
     """Every model on one batch: teacher-forced sums against the teacher's logits, heads, greedy continuations."""
     labels = np.where(real[:, None], b["labels"], IGNORE_INDEX)
@@ -161,11 +176,12 @@ def evaluate_models(teacher: Model, students: dict[str, Model], rows: Sequence[d
     data.Batcher buckets).
 
     Per model ("teacher" first, then the students in order): kl / top1 against the teacher and ppl, on the
-    reference completions (teacher-forced); greedy_match (mean tokens before the greedy continuation leaves
-    the teacher's), greedy_match_fraction (the same over the teacher's greedy length) and greedy_length;
-    accuracy (extract_answer of the greedy text vs the rows' answers); safety_accuracy / verifier_ece when
-    the params carry "safety_head" / "verifier" (else None). Plus `samples`: n_samples prompts with every
-    model's greedy text. The teacher's own kl / top1 / greedy_match are computed like the others'."""
+    reference completions (teacher-forced; a row without one: on the teacher's greedy continuation);
+    greedy_match (mean tokens before the greedy continuation leaves the teacher's), greedy_match_fraction (the
+    same over the teacher's greedy length) and greedy_length; accuracy (extract_answer of the greedy text vs the
+    rows' answers); safety_accuracy / verifier_ece when the params carry "safety_head" / "verifier" (else None).
+    Plus `samples`: n_samples prompts with every model's greedy text. The teacher's own kl / top1 / greedy_match
+    are computed like the others'."""
     tokenizer = teacher.tokenizer
     if tokenizer is None:
         raise ValueError(f"{teacher.source}: the teacher has no tokenizer")
@@ -181,6 +197,8 @@ def evaluate_models(teacher: Model, students: dict[str, Model], rows: Sequence[d
     start_time = time.time()
     tallies = {name: _Tally() for name in models}
     sample_fns = {name: make_sample_fn(m.config, n, GREEDY, eos_ids, int(pad_id)) for name, m in models.items()}
+    with_reference = sum(bool(e.completion_ids) for e in enc)
+    enc, teacher_refs = _teacher_references(teacher, enc, sample_fns["teacher"], batch_size, prompt_buckets, n, pad_id)
     for start, order, b, real in _batches(enc, batch_size, prompt_buckets, n, pad_id):
         _score_batch(models, tallies, sample_fns, start, order, b, real, n)
 
@@ -199,7 +217,8 @@ def evaluate_models(teacher: Model, students: dict[str, Model], rows: Sequence[d
     return {
         "models": per_model, "samples": samples,
         "counts": {"rows": len(rows), "reference_tokens": int(tallies["teacher"].tokens),
-                   "rows_with_reference": sum(bool(e.completion_ids) for e in enc), "rows_generated": len(generated),
+                   "rows_with_reference": with_reference, "rows_with_teacher_reference": teacher_refs,
+                   "rows_generated": len(generated),
                    "rows_with_answer": len(answered), "rows_with_safety_label": sum(e.safety_label >= 0 for e in enc)},
         "settings": {"max_prompt_len": max_prompt_len, "max_new_tokens": n, "prompt_buckets": list(prompt_buckets),
                      "batch_size": batch_size, "eos_ids": list(eos_ids), "pad_id": int(pad_id), "chat": chat},

@@ -12,7 +12,7 @@ import pytest
 from fixtures import make_hf_model, write_gguf
 
 import so8t_jax
-from so8t_jax import data
+from so8t_jax import data, evaluate, sampling
 from so8t_jax import model as model_lib
 from so8t_jax.build import student_from_teacher
 from so8t_jax.evaluate import evaluate_models, evaluate_run, format_table
@@ -169,6 +169,34 @@ def test_evaluate_models_orders_teacher_before_after(models):
     table = format_table(m).splitlines()
     assert table[0].split() == ["model", "KL", "top-1", "ppl", "greedy-match", "accuracy"]
     assert [line.split()[0] for line in table[2:]] == ["teacher", "before", "after"]
+
+
+def test_a_row_without_a_reference_is_scored_on_the_teachers_greedy_continuation(models):
+    """Prompt-only rows (teacher:N, builtin rows without an answer text): KL / top-1 / ppl on the teacher's own
+    greedy continuation, equal to the same rows given that continuation as their reference."""
+    teacher, students = models
+    rows = [data.Row(f"Name {k} colours of the rainbow.", None) for k in (2, 3, 4)]
+    got = evaluate_models(teacher, students, rows, **SETTINGS)
+    assert got["counts"]["rows_with_reference"] == 0 and got["counts"]["rows_with_teacher_reference"] == 3
+    enc = data.encode_rows(rows, teacher.tokenizer, SETTINGS["max_prompt_len"], SETTINGS["max_new_tokens"],
+                           eos_id=EOS)
+    sample = sampling.make_sample_fn(teacher.config, SETTINGS["max_new_tokens"], sampling.GREEDY, (EOS,), 0)
+    refs, n = evaluate._teacher_references(teacher, enc, sample, 4, SETTINGS["prompt_buckets"],
+                                           SETTINGS["max_new_tokens"], 0)
+    assert n == 3 and all(r.completion_ids for r in refs)
+    assert got["counts"]["reference_tokens"] == sum(len(r.completion_ids) for r in refs)
+    t, before = got["models"]["teacher"], got["models"]["before"]
+    assert t["kl"] == pytest.approx(0.0, abs=1e-6) and t["top1"] == 1.0 and before["kl"] > 1e-3
+    # float64 reference: the cut student teacher-forced on each row's prompt + the teacher's continuation
+    kls = []
+    for r in refs:
+        seq, p = list(r.prompt_ids) + list(r.completion_ids), len(r.prompt_ids)
+        padded = np.zeros((1, 40), np.int32)
+        padded[0, :len(seq)] = seq
+        lt, ls = (_log_softmax(np.asarray(m.logits(padded), np.float64)[0, p - 1:len(seq) - 1])
+                  for m in (teacher, students["before"]))
+        kls += list(np.sum(np.exp(lt) * (lt - ls), -1))
+    assert before["kl"] == pytest.approx(np.mean(kls), rel=1e-4)
 
 
 def _log_softmax(x):
