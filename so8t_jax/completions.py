@@ -45,6 +45,11 @@ class PolicyConfig:
     def generates(self) -> bool:
         return self.lmbda > 0 or (self.lmbda_schedule != "constant" and self.lmbda_start > 0) or self.seq_kd
 
+    @property
+    def offline_steps(self) -> bool:
+        """Whether some steps train on the dataset's completions (the on-policy share is below 1 at some step)."""
+        return self.lmbda < 1 or (self.lmbda_schedule != "constant" and self.lmbda_start < 1)
+
     def lmbda_at(self, step, total_steps: int):
         """The on-policy probability at `step` (traceable): GKD from a weak start, offline KD first (the student's
         own samples are noise until it imitates the teacher), then the on-policy share rising to lmbda."""

@@ -22,6 +22,7 @@ import numpy as np
 
 from so8t_jax import defaults, teacher_prompts
 from so8t_jax.builtin_prompts import generate_rows
+from so8t_jax.completions import PolicyConfig
 from so8t_jax.conventions import IGNORE_INDEX
 from so8t_jax.loading import encode_prompt
 from so8t_jax.rows import DataError, Row, parse_row, records
@@ -108,13 +109,12 @@ def run_rows(config, teacher=None) -> tuple[list[Row], dict]:
                             f"policy.lmbda = {config.policy.lmbda} / policy.seq_kd = {config.policy.seq_kd} generate "
                             "completions from prompts: use prompt (+ completion) or messages rows, or set "
                             "policy.lmbda=0 and policy.seq_kd=False")
-    p = config.policy
-    offline = min(p.lmbda, p.lmbda_start if p.get("lmbda_schedule", "constant") != "constant" else 1.0) < 1
+    p = PolicyConfig(**config.policy.to_dict())
     bare = sum(r.prompt is not None and r.completion is None for r in rows)
-    if bare == len(rows) and offline and not p.seq_kd:  # every offline step would train on nothing
+    if bare == len(rows) and p.offline_steps and not p.seq_kd:  # every offline step would train on nothing
         raise DataError(f"{d.source}: all {bare} rows have a prompt but no completion, and the offline "
-                        f"steps (policy.lmbda = {p.lmbda}, lmbda_start = {p.get('lmbda_start', 0.0)}, schedule "
-                        f"{p.get('lmbda_schedule', 'constant')!r}) train on the dataset's completions: set "
+                        f"steps (policy.lmbda = {p.lmbda}, lmbda_start = {p.lmbda_start}, schedule "
+                        f"{p.lmbda_schedule!r}) train on the dataset's completions: set "
                         f"policy.seq_kd=True (the teacher completes them once, cached) or policy.lmbda=1 with a "
                         f"constant schedule (every step on-policy)")
     return rows, report

@@ -16,6 +16,7 @@ import pathlib
 import time
 
 from so8t_jax import build, data, evaluate, runs, select, teacher_prompts, trainer
+from so8t_jax.completions import PolicyConfig
 from so8t_jax.config import set_path
 from so8t_jax.defaults import get_config
 
@@ -64,8 +65,7 @@ def recipe_config(base, recipe: str, budget: str, out_dir, seed: int = 0):
     c = get_config() if base is None else base
     for key, value in {**BUDGETS[budget][0], **RECIPES[recipe]}.items():
         set_path(c, key, value)
-    offline = c.policy.lmbda < 1 or (c.policy.lmbda_schedule != "constant" and c.policy.lmbda_start < 1)
-    if teacher_prompts.is_source(c.data.source) and offline:
+    if teacher_prompts.is_source(c.data.source) and PolicyConfig(**c.policy.to_dict()).offline_steps:
         c.policy.seq_kd = True  # prompt-only rows (teacher:N): the offline steps train on the teacher's completions
     c.run_name, c.output_dir, c.seed = f"quality-{budget}-{recipe}", str(out_dir), seed
     c.eval.at_end, c.export.formats = False, ()
