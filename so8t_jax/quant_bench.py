@@ -153,16 +153,8 @@ def bench_step(args):
     """scripts/bench.py quantized_step: step_row at --lmbda, in a fresh process (its own peak memory)."""
     flags = {k: getattr(args, k) for k in ("teacher_preset", "student_preset", "qtype", "dtype", "batch",
                                            "prompt_len", "new", "repeats", "compile_only", "freeze")}
-    code = (f"import json, types; from so8t_jax import quant_bench; a = types.SimpleNamespace(**{flags!r}); "
-            f"print(json.dumps(quant_bench.step_row(*quant_bench.configs(a), a, {float(args.lmbda)})))")
+    flags.update(teacher_layers=0, vocab=0)  # bench.compare_configs: whole presets on the shorter vocabulary
+    code = (f"import json, types; from so8t_jax import bench, quant_bench; a = types.SimpleNamespace(**{flags!r}); "
+            f"print(json.dumps(quant_bench.step_row(*bench.compare_configs(a), a, {float(args.lmbda)})))")
     out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
     yield json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def configs(args):
-    """(teacher, student) ModelConfigs of --teacher-preset and --student-preset on the shorter vocabulary (the
-    trainer's reconcile_vocab: Qwen2-7B pads to 152064 rows, Qwen2-0.5B to 151936)."""
-    from so8t_jax.config import ModelConfig
-    t_cfg, s_cfg = ModelConfig.preset(args.teacher_preset), ModelConfig.preset(args.student_preset)
-    vocab = min(t_cfg.vocab_size, s_cfg.vocab_size)
-    return t_cfg.replace(vocab_size=vocab), s_cfg.replace(vocab_size=vocab)
