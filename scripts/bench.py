@@ -21,6 +21,9 @@
         # cut to --student-layers; --teacher-layers N cuts the teacher, --vocab N sets both vocabularies.
         # GPU: --teacher-preset qwen2-7b --student-preset qwen2-0.5b --dtype bfloat16 --prompt-len 128 --new 128
     python scripts/bench.py gkd_step --framework trl|so8t_jax --lmbda 0|1 [compare's flags]   # one of those
+    python scripts/bench.py flops [compare's flags]   # model and program FLOPs of our step (so8t_jax/flops.py),
+        # traced from abstract weights: no run, so a CPU counts the GPU shapes. Step rows carry both counts and
+        # model_tflops_per_s (mfu on a known GPU in bf16); XLA's cost_analysis (xla_flops) counts a loop body once
     python scripts/bench.py fuzz --cases 10000 [--seed 0] [--out fuzz.json] [--path A.gguf,B.gguf]
         # mutated GGUF files (so8t_jax/fuzz.py): outcomes, errors by kind, crashes, hangs, time per case
     python scripts/bench.py crash [--seeds 3] [--kills 6]

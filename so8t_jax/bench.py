@@ -9,19 +9,19 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from so8t_jax import completions, loop_bench, objective, optim, placement, quant_bench, so8t, train_step
+from so8t_jax import (completions, flops, loop_bench, objective, optim, placement, quant_bench, so8t,
+                      train_step, trl_bench)
 from so8t_jax import model as model_lib
 from so8t_jax.config import ModelConfig
 from so8t_jax.loading import as_dtype, load, smollm2_gguf
 
-# Dense bf16 peak FLOP/s for MFU, by device kind (None on CPUs: no meaningful peak).
+# Dense bf16 peak FLOP/s (NVIDIA's data sheets, without sparsity) for MFU, by device kind; none for CPUs.
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
 
 
@@ -42,12 +42,13 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def compiled_stats(compiled) -> dict:
-    """FLOPs and memory of a compiled XLA executable (honest proxies on a CPU)."""
+    """XLA's static account of a compiled executable: its memory and xla_flops, cost_analysis's FLOPs, which
+    count a while loop's body once (one layer of a scanned decoder: not the work done; flops.py counts that)."""
     out = {}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost:
-        out["flops"] = float(cost.get("flops", 0.0))
+        out["xla_flops"] = float(cost.get("flops", 0.0))
     mem = compiled.memory_analysis()
     if mem is not None:
         out.update(temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
@@ -79,14 +80,19 @@ def bench_forward(args):
     fn = jax.jit(lambda p, t: model_lib.forward(p, cfg, t).logits)
     compiled = fn.lower(params, tokens).compile()
     seconds = _median_time(lambda: jax.block_until_ready(compiled(params, tokens)), args.repeats)
-    stats = compiled_stats(compiled)
-    row = {"bench": "forward", "preset": args.preset, "dtype": args.dtype, "batch": args.batch,
+    model_flops = flops.forward_flops(cfg, args.batch, args.length, args.length)
+    yield {"bench": "forward", "preset": args.preset, "dtype": args.dtype, "batch": args.batch,
            "length": args.length, "ms": round(seconds * 1e3, 2),
-           "tokens_per_s": round(args.batch * args.length / seconds, 1), **stats, **machine()}
-    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
-    if peak and "flops" in stats:
-        row["mfu"] = round(stats["flops"] / seconds / peak, 4)
-    yield row
+           "tokens_per_s": round(args.batch * args.length / seconds, 1), **compiled_stats(compiled), **machine(),
+           **flop_rates(model_flops, seconds, jax.devices()[0].device_kind, args.dtype)}
+
+
+def flop_rates(model_flops: int, seconds: float, device: str, dtype: str) -> dict:
+    """model_flops (flops.py) and the rate the measured seconds make of them; mfu against PEAK_FLOPS (bf16)."""
+    row = {"model_flops": int(model_flops), "model_tflops_per_s": round(model_flops / seconds / 1e12, 3)}
+    if dtype == "bfloat16" and device in PEAK_FLOPS:
+        row["mfu"] = round(model_flops / seconds / PEAK_FLOPS[device], 4)
+    return row
 
 
 def bench_generate(args):
@@ -126,16 +132,18 @@ def _step_inputs(args):
     return t_cfg, s_cfg, teacher, student, batch
 
 
-def _time_step(args, step, state, teacher, batch) -> dict:
-    """Compile once, then the median step time and the compiled step's FLOPs / memory as a result row."""
-    compiled = jax.jit(step).lower(state, teacher, batch, jax.random.key(3)).compile()
-    seconds = _median_time(lambda: jax.block_until_ready(compiled(state, teacher, batch, jax.random.key(3))),
-                           args.repeats)
+def _time_step(args, step, state, teacher, batch, model_flops: int) -> dict:
+    """Compile once, then the median step time, the FLOPs (model_flops, and the traced program's: recomputation
+    included) and the compiled step's memory as a result row."""
+    key = jax.random.key(3)
+    compiled = jax.jit(step).lower(state, teacher, batch, key).compile()
+    seconds = _median_time(lambda: jax.block_until_ready(compiled(state, teacher, batch, key)), args.repeats)
     tokens = args.batch * (args.prompt_len + args.new)
     return {"teacher": args.teacher_preset, "student_layers": args.student_layers, "dtype": args.dtype,
             "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new, "chunk": args.chunk,
             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), **compiled_stats(compiled),
-            **machine()}
+            "program_flops": flops.program_flops(step, state, teacher, batch, key, while_trips=args.new - 1),
+            **flop_rates(model_flops, seconds, jax.devices()[0].device_kind, args.dtype), **machine()}
 
 
 def bench_step(args):
@@ -149,7 +157,8 @@ def bench_step(args):
         policy = completions.PolicyConfig(lmbda=lmbda, temperature=0.9, max_new_tokens=args.new, eos_ids=())
         step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim_cfg, policy=policy)
         state = train_step.init_state(student, optimizer)
-        yield {"bench": "step", "lmbda": lmbda, **_time_step(args, step, state, teacher, batch)}
+        model_flops = flops.step_flops(s_cfg, t_cfg, args.batch, args.prompt_len, args.new, on_policy=lmbda > 0)
+        yield {"bench": "step", "lmbda": lmbda, **_time_step(args, step, state, teacher, batch, model_flops["total"])}
 
 
 def bench_so8t_step(args):
@@ -169,7 +178,8 @@ def bench_so8t_step(args):
         step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim.OptimConfig(),
                                                gate_cfg=so8t.GateConfig(gates=gates))
         state = train_step.init_state(params, optimizer, jax.random.key(5), t_cfg.d_model, loss_cfg)
-        yield {"bench": "so8t_step", "variant": name, **_time_step(args, step, state, teacher, batch)}
+        model_flops = flops.step_flops(s_cfg, t_cfg, args.batch, args.prompt_len, args.new)["total"]
+        yield {"bench": "so8t_step", "variant": name, **_time_step(args, step, state, teacher, batch, model_flops)}
 
 
 # ------------------------------------------------------------------ compare: TRL's GKDTrainer step against ours
@@ -219,107 +229,59 @@ def _memory(device_peak: int | None, kind: str) -> dict:
             "memory_kind": "process peak RSS"}
 
 
-def _ours_step(args, lmbda: float, loss_cfg: objective.LossConfig):
-    """(run, compiled): our step as the trainer runs it (make_step under placement.jit_step: jit, state donated),
-    compiled once; run() takes one step on the compare batch and waits for it."""
+def _ours_inputs(args, lmbda: float, abstract: bool = False):
+    """(step, state, teacher, batch, key) of our compare step: make_step with the trainer's defaults for the loss
+    chunk size and the student's rematerialisation, computing in --dtype as TRL's side does; abstract: weights and
+    state as jax.ShapeDtypeStructs (nothing allocated)."""
     t_cfg, s_cfg = compare_configs(args)
     dtype = as_dtype(args.dtype)
-    teacher = model_lib.init_params(t_cfg, jax.random.key(0), dtype)
+    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"], compute_dtype=args.dtype)
     policy = completions.PolicyConfig(lmbda=lmbda, temperature=_GKD["temperature"], max_new_tokens=args.new)
     step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim.OptimConfig(total_steps=_STEPS, **_OPTIM),
                                            policy=policy)
-    state = [train_step.init_state(model_lib.init_params(s_cfg, jax.random.key(1), dtype), optimizer)]
+    make = jax.eval_shape if abstract else (lambda build: build())
+    teacher = make(lambda: model_lib.init_params(t_cfg, jax.random.key(0), dtype))
+    state = make(lambda: train_step.init_state(model_lib.init_params(s_cfg, jax.random.key(1), dtype), optimizer))
     b = compare_batch(args, s_cfg.vocab_size)
     batch = {ours: jnp.asarray(b[theirs], jnp.int32) for ours, theirs in _OUR_NAMES.items()}
-    key = jax.random.key(3)
-    compiled = placement.jit_step(step).lower(state[0], teacher, batch, key).compile()
+    return step, state, teacher, batch, jax.random.key(3)
+
+
+def _ours_measure(args, lmbda: float) -> dict:
+    """Our step as the trainer runs it (make_step under placement.jit_step: jit, state donated), compiled once,
+    timed on the compare batch; its traced program's FLOPs and the compiled step's memory."""
+    step, state, teacher, batch, key = _ours_inputs(args, lmbda)
+    program = flops.program_flops(step, state, teacher, batch, key, while_trips=args.new - 1)
+    compiled = placement.jit_step(step).lower(state, teacher, batch, key).compile()
+    state = [state]
 
     def run():
         state[0], metrics = compiled(state[0], teacher, batch, key)
         jax.block_until_ready(metrics)
-    return run, compiled
-
-
-def _ours_measure(args, lmbda: float) -> dict:
-    """Our step with the trainer's defaults for the loss chunk size and the student's rematerialisation (both
-    in the row), computing in --dtype as TRL's side does."""
-    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"], compute_dtype=args.dtype)
-    run, compiled = _ours_step(args, lmbda, loss_cfg)
     seconds = _median_time(run, args.repeats)
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     return {"seconds": seconds, **_memory(peak, "jax peak_bytes_in_use"), **compiled_stats(compiled),
-            "loss_chunk": loss_cfg.chunk_size, "remat": loss_cfg.remat, **machine()}
+            "program_flops": program, "loss_chunk": objective.LossConfig().chunk_size,
+            "remat": objective.LossConfig().remat, **machine()}
 
 
-def _torch_model(cfg: ModelConfig, device: str, dtype: str):
-    """A randomly initialised transformers model of cfg's shape (export's hf_config), built on device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from so8t_jax.weights.export import hf_config
-    hp = hf_config(cfg)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(hp.pop("model_type"), **hp),
-                                                dtype=getattr(torch, dtype))
-
-
-def _trl_trainer(args, lmbda: float, device: str, out_dir: str):
-    """A real GKDTrainer on the compare shapes, its optimizer and scheduler created: weights and compute in
-    --dtype (no autocast), gradient checkpointing off (SFTConfig turns both on by default)."""
-    import datasets
-    import torch
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-    try:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
-    except ImportError:  # trl < 0.2x
-        from trl import GKDConfig, GKDTrainer
-
-    torch.manual_seed(0)
+def bench_flops(args):
+    """Model FLOPs (teacher, student forward + backward, sampling) and the traced program's FLOPs of our compare
+    step at lmbda 0 and 1, from abstract weights: nothing allocated or run, so any machine counts GPU shapes."""
     t_cfg, s_cfg = compare_configs(args)
-    vocab = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))  # the batch is token ids
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>")
-    config = GKDConfig(output_dir=out_dir, per_device_train_batch_size=args.batch, lmbda=lmbda, max_steps=_STEPS,
-                       max_new_tokens=args.new, lr_scheduler_type="cosine", report_to=[], save_strategy="no",
-                       use_cpu=device == "cpu", bf16=False, gradient_checkpointing=False, **_GKD, **_OPTIM)
-    trainer = GKDTrainer(model=_torch_model(s_cfg, device, args.dtype), args=config, processing_class=tokenizer,
-                         teacher_model=_torch_model(t_cfg, device, args.dtype),
-                         train_dataset=datasets.Dataset.from_dict({"unused": [0]}))
-    trainer.create_optimizer_and_scheduler(num_training_steps=_STEPS)
-    return trainer
-
-
-def _trl_step(trainer, batch) -> None:
-    """What GKDTrainer.train does per optimizer step of one micro-batch: count the loss tokens, training_step
-    (with probability lmbda the student generates; forward, generalized_jsd_loss, backward), clip, step, zero."""
-    samples, n_items = trainer.get_batch_samples(iter([dict(batch)]), 1, trainer.args.device)
-    trainer.training_step(trainer.model, samples[0], n_items)
-    trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
-    trainer.model.zero_grad()
+    for lmbda in _LMBDAS:
+        model = flops.step_flops(s_cfg, t_cfg, args.batch, args.prompt_len, args.new, on_policy=lmbda > 0)
+        program = flops.program_flops(*_ours_inputs(args, lmbda, abstract=True), while_trips=args.new - 1)
+        yield {"bench": "flops", "lmbda": lmbda, **_shapes(args), **{f"model_flops_{k}": v for k, v in model.items()},
+               "program_flops": program, "program_over_model": round(program / model["total"], 3)}
 
 
 def _trl_measure(args, lmbda: float) -> dict:
-    """TRL's step time on CUDA when there is one, else the CPU."""
-    import torch
-    import transformers
-    import trl
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    with tempfile.TemporaryDirectory() as out_dir:
-        trainer = _trl_trainer(args, lmbda, device, out_dir)
-        batch = {k: torch.as_tensor(v, device=device) for k, v in compare_batch(args, trainer.model.vocab_size).items()}
-
-        def run():
-            _trl_step(trainer, batch)
-            if cuda:
-                torch.cuda.synchronize()
-        seconds = _median_time(run, args.repeats)
-    return {"seconds": seconds, **_memory(torch.cuda.max_memory_allocated() if cuda else None,
-                                          "torch max_memory_allocated"),
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "platform": device, "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__}
+    """TRL's step time on CUDA when there is one, else the CPU (so8t_jax/trl_bench.py)."""
+    t_cfg, s_cfg = compare_configs(args)
+    out = trl_bench.measure(t_cfg, s_cfg, args, lmbda, compare_batch(args, s_cfg.vocab_size), _median_time,
+                            {**_GKD, **_OPTIM}, _STEPS)
+    return {**out, **_memory(out.pop("cuda_peak"), "torch max_memory_allocated")}
 
 
 def bench_gkd_step(args):
@@ -327,10 +289,12 @@ def bench_gkd_step(args):
     out = (_trl_measure if args.framework == "trl" else _ours_measure)(args, args.lmbda)
     t_cfg, s_cfg = compare_configs(args)
     tokens = args.batch * (args.prompt_len + args.new)
+    model_flops = flops.step_flops(s_cfg, t_cfg, args.batch, args.prompt_len, args.new, on_policy=args.lmbda > 0)
     yield {"bench": "gkd_step", "framework": args.framework, "lmbda": args.lmbda, **_shapes(args),
            "teacher_layers": t_cfg.n_layers, "student_layers": s_cfg.n_layers, "vocab": s_cfg.vocab_size,
            "repeats": args.repeats, **out, "seconds": round(out["seconds"], 4),
-           "tokens_per_s": round(tokens / out["seconds"], 1)}
+           "tokens_per_s": round(tokens / out["seconds"], 1),
+           **flop_rates(model_flops["total"], out["seconds"], out["device"], args.dtype)}
 
 
 def _shapes(args) -> dict:
@@ -392,6 +356,6 @@ def bench_crash(args):
 
 
 BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step,
-              "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "compare": bench_compare,
+              "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "flops": bench_flops, "compare": bench_compare,
               "fuzz": bench_fuzz, "crash": bench_crash, "quantized": quant_bench.bench,
               "quantized_step": quant_bench.bench_step, "trainer": loop_bench.bench}

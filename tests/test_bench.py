@@ -63,6 +63,13 @@ def test_compare_runs_trl_and_ours_and_prints_the_ratios():
         assert (r["teacher_layers"], r["student_layers"], r["vocab"], r["batch"], r["new_tokens"]) == (2, 1, 512, 2, 4)
     ours = [r for r in steps if r["framework"] == "so8t_jax"]
     assert all(r["temp_bytes"] > 0 and "remat" in r and "loss_chunk" in r for r in ours)
+    # one model-FLOP count per lmbda for both frameworks (flops.py); ours also counts its program (remat full
+    # recomputes the student's layers, the chunked losses both output layers: more than the model FLOPs)
+    for lmbda in (0.0, 1.0):
+        trl, mine = (next(r for r in steps if (r["framework"], r["lmbda"]) == (f, lmbda)) for f in ("trl", "so8t_jax"))
+        assert trl["model_flops"] == mine["model_flops"] < mine["program_flops"]
+        assert "mfu" not in mine  # a CPU: no peak to divide by
+    assert ours[1]["model_flops"] > ours[0]["model_flops"]  # the sampling
     assert ratio["bench"] == "compare_ratio"
     for key in ("time_trl_over_ours_lmbda_0", "time_trl_over_ours_lmbda_1", "memory_trl_over_ours_lmbda_0",
                 "memory_trl_over_ours_lmbda_1"):
