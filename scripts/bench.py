@@ -2,6 +2,8 @@
 
     python scripts/bench.py load [--path FILE.gguf] [--repeats 5] [--transformers]
     python scripts/bench.py forward [--preset smollm2-135m] [--batch 8] [--length 256] [--dtype bfloat16]
+    python scripts/bench.py matmul [--preset smollm2-135m] [--batch 8] [--new 64] [--dtype float32]   # the
+        # machine's dense matmul rate at the output layer's shape: the ceiling for a compute-bound step
     python scripts/bench.py generate [--path FILE.gguf] [--batch 8] [--prompt-len 32] [--new 64]
     python scripts/bench.py quantized [--path A.gguf,B.gguf] [--batch 8] [--length 128]   # forward: dense vs
         # kept quantized (so8t_jax/quant.py), each in a fresh process: time, argument / temp bytes, peak RSS

@@ -95,6 +95,20 @@ def flop_rates(model_flops: int, seconds: float, device: str, dtype: str) -> dic
     return row
 
 
+def bench_matmul(args):
+    """The machine's dense matmul rate through jax at an output layer's shape, [--batch x --new, D] @ [D, V] of
+    --preset in --dtype (fp32 accumulation): the ceiling a compute-bound step's FLOP rate is read against."""
+    cfg = ModelConfig.preset(args.preset)
+    dtype = as_dtype(args.dtype)
+    h = jax.random.normal(jax.random.key(0), (args.batch * args.new, cfg.d_model), dtype)
+    w = jax.random.normal(jax.random.key(1), (cfg.d_model, cfg.vocab_size), dtype)
+    compiled = jax.jit(lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)).lower(h, w).compile()
+    seconds = _median_time(lambda: jax.block_until_ready(compiled(h, w)), args.repeats)
+    work = 2 * h.shape[0] * cfg.d_model * cfg.vocab_size
+    yield {"bench": "matmul", "shape": [h.shape[0], cfg.d_model, cfg.vocab_size], "dtype": args.dtype,
+           "seconds": round(seconds, 5), "gflops_per_s": round(work / seconds / 1e9, 1), **machine()}
+
+
 def bench_generate(args):
     """Generation tokens/s of the compiled KV-cache sampler (EOS off, so every row makes --new tokens)."""
     from so8t_jax.sampling import GREEDY, Sampler, make_sample_fn
@@ -355,7 +369,7 @@ def bench_crash(args):
         raise RuntimeError(f"crash sweep failed (exit {proc.returncode})")
 
 
-BENCHMARKS = {"load": bench_load, "forward": bench_forward, "generate": bench_generate, "step": bench_step,
-              "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "flops": bench_flops, "compare": bench_compare,
-              "fuzz": bench_fuzz, "crash": bench_crash, "quantized": quant_bench.bench,
+BENCHMARKS = {"load": bench_load, "forward": bench_forward, "matmul": bench_matmul, "generate": bench_generate,
+              "step": bench_step, "so8t_step": bench_so8t_step, "gkd_step": bench_gkd_step, "flops": bench_flops,
+              "compare": bench_compare, "fuzz": bench_fuzz, "crash": bench_crash, "quantized": quant_bench.bench,
               "quantized_step": quant_bench.bench_step, "trainer": loop_bench.bench}

@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "float32"  # forward / backward dtype (float32 | bfloat16); params and Adam moments stay
                                        # in student.dtype (the master copy); softmax, losses, lm_head sums in float32
     c.train.remat = "full"             # student layer-scan rematerialisation: none | dots | full (full: 4x less
-                                       # step temp memory than unchunked, non-remat; +4% FLOPs)
+                                       # step temp memory than unchunked, non-remat; +8% FLOPs, flops.py)
     c.train.log_every = 1
     c.train.eval_every = 50
     c.train.eval_batches = 2

@@ -9,14 +9,13 @@ Axis letters: so8t_jax/conventions.py.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from so8t_jax import quant
+from so8t_jax import fused_head
 from so8t_jax.conventions import IGNORE_INDEX
 
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -163,21 +162,15 @@ def _to_chunks(x_BxLx_, chunk_size, n_pad):
     return flat.reshape((-1, chunk_size) + flat.shape[1:])
 
 
-def _logits(hidden_CxD, head_DxV):
-    # Inputs keep their dtype (no fp32 copy of a bf16 head); accumulation and all that follows is fp32. A quantized
-    # teacher's head (quant.QuantizedWeight) is dequantized a slice of the vocabulary at a time.
-    return quant.project(hidden_CxD, head_DxV)
-
-
 def chunked_divergence(student_hidden_BxLxDs, student_head_DsxV, teacher_hidden_BxLxDt, teacher_head_DtxV,
                        mask_BxL, kind="forward_kl", beta=0.5, temperature=1.0, chunk_size=1024,
                        num_valid=None, return_agreement=False):
     """`divergence` of the logits hidden @ head, computed chunk_size tokens at a time.
 
-    lax.scan over token chunks with a jax.checkpoint-ed body: the backward pass recomputes each chunk's
-    logits, so memory is O(chunk_size * V), never O(B * L * V). With return_agreement=True, returns
-    (loss, agree_BxL), agree = [argmax student == argmax teacher] under stop_gradient (the verification
-    target; meaningless at masked tokens).
+    A lax.scan over token chunks whose gradient is formed in the same pass (_head_chunks): memory is
+    O(chunk_size * V), never O(B * L * V), and no logits are recomputed. With return_agreement=True, returns
+    (loss, agree_BxL), agree = [argmax student == argmax teacher] (no gradient; the verification target;
+    meaningless at masked tokens).
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
@@ -188,21 +181,16 @@ def chunked_divergence(student_hidden_BxLxDs, student_head_DsxV, teacher_hidden_
     ht_WxCxDt = _to_chunks(_zero_invalid(teacher_hidden_BxLxDt, valid_BxL), chunk, n_pad)
     valid_WxC = _to_chunks(valid_BxL, chunk, n_pad)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)  # CSE is safe to allow inside scan
-    def chunk_sum(hs_CxDs, head_s_DsxV, ht_CxDt, head_t_DtxV, valid_C):
-        logits_s_CxV, logits_t_CxV = _logits(hs_CxDs, head_s_DsxV), _logits(ht_CxDt, head_t_DtxV)
+    def chunk_sum(logits, valid_C):
+        logits_s_CxV, logits_t_CxV = logits
         per_token_C = _per_token_divergence(logits_s_CxV, logits_t_CxV, kind, beta, temperature)
         part = jnp.sum(jnp.where(valid_C, per_token_C, 0.0))
         if not return_agreement:
             return part, None
         return part, jax.lax.stop_gradient(jnp.argmax(logits_s_CxV, -1) == jnp.argmax(logits_t_CxV, -1))
 
-    def step(total, xs):
-        hs_CxDs, ht_CxDt, valid_C = xs
-        part, agree_C = chunk_sum(hs_CxDs, student_head_DsxV, ht_CxDt, teacher_head_DtxV, valid_C)
-        return total + part, agree_C
-
-    total, agree_WxC = jax.lax.scan(step, jnp.zeros((), _F32), (hs_WxCxDs, ht_WxCxDt, valid_WxC))
+    total, agree_WxC = fused_head.head_chunks(chunk_sum, (hs_WxCxDs, ht_WxCxDt), (student_head_DsxV, teacher_head_DtxV),
+                                    valid_WxC)
     loss = _safe_div(total, _count(valid_BxL, num_valid))
     if not return_agreement:
         return loss
@@ -211,22 +199,19 @@ def chunked_divergence(student_hidden_BxLxDs, student_head_DsxV, teacher_hidden_
 
 def chunked_cross_entropy(hidden_BxLxD, head_DxV, labels_BxL, chunk_size=1024, mask_BxL=None,
                           num_valid=None):
-    """`cross_entropy` of the logits hidden @ head, chunk_size tokens at a time (scan + checkpoint)."""
+    """`cross_entropy` of the logits hidden @ head, chunk_size tokens at a time (fused_head.head_chunks: the gradient
+    formed in the same pass)."""
     valid_BxL, labels_BxL = _ce_validity(labels_BxL, mask_BxL)
     chunk, n_pad = _chunk_plan(valid_BxL.shape, chunk_size)
     h_WxCxD = _to_chunks(_zero_invalid(hidden_BxLxD, valid_BxL), chunk, n_pad)
     labels_WxC = _to_chunks(labels_BxL, chunk, n_pad)
     valid_WxC = _to_chunks(valid_BxL, chunk, n_pad)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_sum(h_CxD, head_DxV, labels_C, valid_C):
-        return jnp.sum(jnp.where(valid_C, _token_nll(_logits(h_CxD, head_DxV), labels_C), 0.0))
+    def chunk_sum(logits, x):
+        labels_C, valid_C = x
+        return jnp.sum(jnp.where(valid_C, _token_nll(logits[0], labels_C), 0.0)), None
 
-    def step(total, xs):
-        h_CxD, labels_C, valid_C = xs
-        return total + chunk_sum(h_CxD, head_DxV, labels_C, valid_C), None
-
-    total, _ = jax.lax.scan(step, jnp.zeros((), _F32), (h_WxCxD, labels_WxC, valid_WxC))
+    total, _ = fused_head.head_chunks(chunk_sum, (h_WxCxD,), (head_DxV,), (labels_WxC, valid_WxC))
     return _safe_div(total, _count(valid_BxL, num_valid))
 
 
