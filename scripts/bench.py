@@ -17,7 +17,7 @@
                                  [--new 64] [--chunk 0]
     python scripts/bench.py so8t_step [same flags as step]   # the SO8T recipe's step: plain, + gates, + heads
     python scripts/bench.py compare [--teacher-preset P] [--student-preset P] [--batch 8] [--prompt-len 32]
-                                    [--new 64] [--dtype float32|bfloat16] [--repeats 5]
+                                    [--new 64] [--dtype float32|bfloat16] [--repeats 5] [--remat none|dots|full]
         # TRL's GKDTrainer step (training_step, clip, AdamW step) vs our compiled step at the same shapes,
         # lmbda 0 and 1, each in its own process, then the ratios TRL / ours. No --student-preset: the teacher
         # cut to --student-layers; --teacher-layers N cuts the teacher, --vocab N sets both vocabularies.
@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=0, help="step: chunk size of the chunked losses (0: plain)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--remat", default="", help="compare, flops: our student's remat (none|dots|full; default: the "
+                                                "trainer's default)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--config", default="gkd.py", help="trainer: the run config")
     ap.add_argument("--steps", type=int, default=12, help="trainer: steps of the loop")

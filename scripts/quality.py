@@ -4,6 +4,9 @@ writes OUT/quality.json and (with --results) docs/RESULTS.md.
 
     python scripts/quality.py --budget cpu --eval-data ../shared/data/gsm8k_train.jsonl --results docs/RESULTS.md
     python scripts/quality.py --budget smoke --eval-data eval.jsonl --recipes kd,gkd
+
+Recipes OUT/quality.json already holds for the same budget and evaluation are kept, not retrained: adding one to
+the table (--recipes kd,gkd,on_policy after kd,gkd) trains only the new one; --fresh retrains all.
 """
 import argparse
 import json
@@ -24,6 +27,8 @@ def main():
     ap.add_argument("--recipes", default=",".join(quality.RECIPES))
     ap.add_argument("--eval-rows", type=int, default=None)
     ap.add_argument("--results", default=None, help="also write this markdown file (docs/RESULTS.md)")
+    ap.add_argument("--fresh", action="store_true", help="retrain recipes OUT/quality.json already has (by default "
+                                                         "kept when budget and evaluation match)")
     ap.add_argument("--compare-select", action="store_true",
                     help="only compare student.select = kl with even: KL of each cut on rows the selection did not see")
     args = ap.parse_args()
@@ -32,7 +37,7 @@ def main():
         print(json.dumps(quality.compare_selection(get_config())))
         return
     table = quality.run_quality(args.budget, args.eval_data, args.out, tuple(args.recipes.split(",")),
-                                eval_rows=args.eval_rows)
+                                eval_rows=args.eval_rows, fresh=args.fresh)
     text = quality.results_markdown(table, " ".join(["python", "scripts/quality.py", *sys.argv[1:]]),
                                     f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores")
     print(text)

@@ -200,7 +200,7 @@ def bench_so8t_step(args):
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 _COMPARE_FLAGS = ("teacher_preset", "teacher_layers", "student_preset", "student_layers", "vocab", "batch",
-                  "prompt_len", "new", "dtype", "repeats")
+                  "prompt_len", "new", "dtype", "repeats", "remat")
 FRAMEWORKS = ("trl", "so8t_jax")
 _LMBDAS = (0.0, 1.0)
 # What both sides share: GKDConfig's defaults (JSD beta, sampling temperature; top-k 0, top-p 1 and loss
@@ -245,11 +245,12 @@ def _memory(device_peak: int | None, kind: str) -> dict:
 
 def _ours_inputs(args, lmbda: float, abstract: bool = False):
     """(step, state, teacher, batch, key) of our compare step: make_step with the trainer's defaults for the loss
-    chunk size and the student's rematerialisation, computing in --dtype as TRL's side does; abstract: weights and
-    state as jax.ShapeDtypeStructs (nothing allocated)."""
+    chunk size and the student's rematerialisation (or --remat), computing in --dtype as TRL's side does;
+    abstract: weights and state as jax.ShapeDtypeStructs (nothing allocated)."""
     t_cfg, s_cfg = compare_configs(args)
     dtype = as_dtype(args.dtype)
-    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"], compute_dtype=args.dtype)
+    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"], compute_dtype=args.dtype,
+                                    remat=args.remat or objective.LossConfig().remat)
     policy = completions.PolicyConfig(lmbda=lmbda, temperature=_GKD["temperature"], max_new_tokens=args.new)
     step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim.OptimConfig(total_steps=_STEPS, **_OPTIM),
                                            policy=policy)
@@ -276,7 +277,7 @@ def _ours_measure(args, lmbda: float) -> dict:
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     return {"seconds": seconds, **_memory(peak, "jax peak_bytes_in_use"), **compiled_stats(compiled),
             "program_flops": program, "loss_chunk": objective.LossConfig().chunk_size,
-            "remat": objective.LossConfig().remat, **machine()}
+            "remat": args.remat or objective.LossConfig().remat, **machine()}
 
 
 def bench_flops(args):

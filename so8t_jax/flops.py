@@ -10,7 +10,7 @@ measures.
 Model FLOPs (`forward_flops`, `step_flops`), the convention MFU uses (PaLM's appendix B; MaxText's calculator):
 the weights' matmuls at every token, attention's two products over the keys each query can see (causal, sliding
 windows), the output layer at the positions whose logits are used; a backward pass is twice its forward; nothing
-recomputed (rematerialisation, the chunked losses' second pass) counts. The program count includes all of that.
+recomputed (rematerialisation) counts, nor padding. The program count includes all of that.
 """
 from __future__ import annotations
 

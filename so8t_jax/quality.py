@@ -78,16 +78,34 @@ def gap_closed(before: float, after: float, teacher: float) -> float | None:
     return None if abs(span) < 1e-12 else (after - before) / span
 
 
+def _finished(out_dir: pathlib.Path, table: dict) -> dict:
+    """The recipes out_dir/quality.json already holds for the same budget, evaluation file and row count (an
+    earlier, perhaps interrupted, run of the same table), else none."""
+    try:
+        old = json.loads((out_dir / "quality.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = all(old.get(k) == table[k] for k in ("budget", "eval_data", "eval_rows"))
+    return old.get("recipes", {}) if same else {}
+
+
 def run_quality(budget: str, eval_data, out_dir, recipes=tuple(RECIPES), base_config=None,
-                eval_rows: int | None = None) -> dict:
+                eval_rows: int | None = None, fresh: bool = False) -> dict:
     """Train each recipe, evaluate teacher / before / after on eval_data; returns (and writes out_dir/
-    quality.json) {"budget", "eval_data", "recipes": {name: {"metrics": {...}, "gap": {...}, "train_s"}}}."""
+    quality.json) {"budget", "eval_data", "recipes": {name: {"metrics": {...}, "gap": {...}, "train_s"}}}.
+    A recipe out_dir/quality.json already has for this budget and evaluation is kept, not retrained (a student
+    costs half an hour on a CPU: adding a recipe to the table, or rerunning after a kill, trains only what is
+    missing); fresh=True trains every recipe again."""
     out_dir = pathlib.Path(out_dir)
     eval_path = gsm8k_rows(eval_data, out_dir / "eval_rows.jsonl")
     data.load_rows(str(eval_path))  # a bad evaluation file fails here, not after the first student's training
     n_eval = eval_rows or BUDGETS[budget][1]
     table = {"budget": budget, "eval_data": str(eval_data), "eval_rows": n_eval, "recipes": {}}
+    done = {} if fresh else _finished(out_dir, table)
     for name in recipes:
+        if name in done:
+            table["recipes"][name] = done[name]
+            continue
         config = recipe_config(base_config.copy_and_resolve_references() if base_config else None, name, budget,
                                out_dir)
         start = time.time()

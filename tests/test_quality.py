@@ -74,3 +74,27 @@ def test_smoke_table(tmp_path):
         assert r["gap"]["kl"] > 0 and len(r["student_layers"]) == 2
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| kd | after |" in text and "| seq_kd | teacher |" in text
+
+
+def test_finished_recipes_are_kept_and_only_missing_ones_trained(tmp_path, monkeypatch):
+    """quality.json rows of the same budget and evaluation are reused (training forbidden); a missing recipe, a
+    different budget or --fresh trains."""
+    from so8t_jax import trainer
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"prompt": "Hi", "completion": " there"}) + "\n")
+    row = {"metrics": {}, "gap": {"kl": 0.5}, "train_s": 1.0}
+    (tmp_path / "quality.json").write_text(json.dumps(
+        {"budget": "smoke", "eval_data": str(evals), "eval_rows": 4, "recipes": {"kd": row}}))
+
+    class Trained(Exception):
+        pass
+
+    def forbidden(config):
+        raise Trained(config.run_name)
+    monkeypatch.setattr(trainer, "train", forbidden)
+    table = quality.run_quality("smoke", evals, tmp_path, ("kd",))
+    assert table["recipes"] == {"kd": row}
+    for kwargs in ({"recipes": ("kd", "gkd")}, {"recipes": ("kd",), "fresh": True}, {"recipes": ("kd",),
+                                                                                      "eval_rows": 3}):
+        with pytest.raises(Trained):
+            quality.run_quality("smoke", evals, tmp_path, **kwargs)
