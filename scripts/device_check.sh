@@ -25,6 +25,9 @@ if [[ "${DEVICE_CHECK_TINY:-0}" == 1 ]]; then
     COMPARE_ARGS=${COMPARE_ARGS:---teacher-preset smollm2-135m --student-layers 2 --batch 2 --prompt-len 16 --new 16 --dtype float32 --repeats 2}
     QUANT_ARGS=${QUANT_ARGS:---teacher-preset smollm2-135m --student-preset smollm2-135m --qtype Q4_0 --dtype float32 --batch 2 --prompt-len 16 --new 16 --repeats 1}
     STEP_ARGS=${STEP_ARGS:---teacher-preset smollm2-135m --student-layers 2 --batch 2 --prompt-len 16 --new 16 --repeats 1}
+    # a shared 2-core CPU (CI runs this beside other tests) compiles slower than a GPU host: wider limits
+    QUANT_TIMEOUT=${QUANT_TIMEOUT:-150}
+    STEP_TIMEOUT=${STEP_TIMEOUT:-180}
 else
     COMPARE_ARGS=${COMPARE_ARGS:---teacher-preset qwen2-7b --student-preset qwen2-0.5b --batch 8 --prompt-len 128 --new 128 --dtype bfloat16 --repeats 3}
     QUANT_ARGS=${QUANT_ARGS:---teacher-preset qwen2-7b --student-preset qwen2-0.5b --qtype Q4_K --dtype bfloat16 --freeze embed --batch 8 --prompt-len 128 --new 128 --repeats 3}
