@@ -15,7 +15,7 @@
 #   DEVICE_CHECK_TINY=1 bash scripts/device_check.sh     # CPU smoke run: smollm2-135m -> 2 layers, batch 2, 16+16
 #
 # Overrides: PYTHON (python), COMPARE_ARGS, QUANT_ARGS, STEP_ARGS, COMPARE_TIMEOUT (260 s), QUANT_TIMEOUT (75 s),
-# STEP_TIMEOUT (60 s), each killed 5 s after its limit; with nvidia-smi's 20 s and the imports' 60 s no run passes
+# STEP_TIMEOUT (60 s; the CPU smoke path: 150 s and 180 s for the last two), each killed 5 s after its limit; with nvidia-smi's 20 s and the imports' 60 s no run passes
 # 8 minutes and a quarter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
