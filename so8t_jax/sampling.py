@@ -87,11 +87,24 @@ def min_p_filter(logits_BxV, p: float):
     return jnp.where(keep, logits_BxV, -jnp.inf)
 
 
+def inverse_cdf_draw(u_B, logits_BxV):
+    """Token r drawn from softmax(logits_BxV[r]) by one uniform u_B[r] in [0, 1): the first index whose float32
+    cumulative probability exceeds u * total. jax.random.categorical's Gumbel-max needs a random number per
+    vocabulary entry (49k per token, most of a CPU decode step's sampling time); this needs one. -inf logits
+    have probability 0 and are never drawn; a probability is honoured to about one float32 ulp of the running
+    sum (~6e-8), as fine as an fp32 uniform resolves anyway."""
+    probs_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    target_Bx1 = (u_B.astype(jnp.float32) * cdf_BxV[:, -1])[:, None]
+    # the last entry with positive probability has cdf == total > target, so the count stops at or before it
+    return jnp.minimum(jnp.sum(cdf_BxV <= target_Bx1, axis=-1), logits_BxV.shape[-1] - 1).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Token selection: `sampler(logits_BxV, key) -> tokens_B` (int32). temperature 0 is greedy (argmax,
     the filters are then irrelevant); otherwise logits / temperature, then top_k, top_p, min_p in turn
-    (0, 1.0, 0.0 switch each off), then a categorical draw. All in float32."""
+    (0, 1.0, 0.0 switch each off), then a categorical draw (inverse_cdf_draw). All in float32."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -121,14 +134,14 @@ class Sampler:
     def __call__(self, logits_BxV, key):
         if self.greedy:
             return jnp.argmax(logits_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, self.filtered_logits(logits_BxV), axis=-1).astype(jnp.int32)
+        return inverse_cdf_draw(jax.random.uniform(key, logits_BxV.shape[:1]), self.filtered_logits(logits_BxV))
 
     def per_row(self, logits_BxV, keys_B):
         """Like __call__ with one key per row: a row's token does not depend on which other rows share its
         batch, so sampling split over devices draws what one device would."""
         if self.greedy:
             return self(logits_BxV, None)
-        return jax.vmap(jax.random.categorical)(keys_B, self.filtered_logits(logits_BxV)).astype(jnp.int32)
+        return inverse_cdf_draw(jax.vmap(jax.random.uniform)(keys_B), self.filtered_logits(logits_BxV))
 
 
 GREEDY = Sampler()

@@ -3,6 +3,7 @@ the real SmolLM2 GGUF), the filters against transformers' logits warpers, draw s
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 import pytest
 import torch
@@ -312,6 +313,30 @@ def test_filtered_draws_stay_in_support(sampler):
     tokens = np.asarray(fn(jnp.asarray(logits), jax.random.split(jax.random.PRNGKey(3), 32)))  # [32, B]
     rows = np.broadcast_to(np.arange(len(logits)), tokens.shape)
     assert np.all(keep[rows, tokens])
+
+
+class InverseCdfTest(chex.TestCase):
+    """inverse_cdf_draw against a float64 numpy inverse CDF of the same uniforms (an independent path)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_float64_inverse_cdf(self):
+        logits = _random_logits(64, 3000, seed=5, scale=4.0)
+        logits[::3, ::7] = -np.inf  # filtered entries: probability 0
+        u = np.random.RandomState(1).uniform(size=64).astype(np.float32)
+        got = np.asarray(self.variant(sampling.inverse_cdf_draw)(jnp.asarray(u), jnp.asarray(logits)))
+        chex.assert_shape(got, (64,))
+        p64 = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+        cdf = np.cumsum(p64 / p64.sum(-1, keepdims=True), axis=-1)
+        want = np.array([np.searchsorted(cdf[r], u[r], side="right") for r in range(64)])
+        # equal unless u lies within float32 rounding of a CDF step
+        near = np.array([np.min(np.abs(cdf[r] - u[r])) < 1e-5 for r in range(64)])
+        np.testing.assert_array_equal(got[~near], want[~near])
+        assert near.sum() <= 2 and np.all(np.isfinite(logits[np.arange(64), got]))
+
+    def test_edges_of_the_unit_interval(self):
+        logits = jnp.asarray([[-jnp.inf, 0.0, -jnp.inf, 0.0, -jnp.inf]] * 3)
+        u = jnp.asarray([0.0, 0.4999, np.nextafter(np.float32(1), np.float32(0))])
+        np.testing.assert_array_equal(np.asarray(sampling.inverse_cdf_draw(u, logits)), [1, 1, 3])
 
 
 def test_greedy_is_argmax():

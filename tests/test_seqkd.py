@@ -85,3 +85,16 @@ def test_run_trains_on_the_cached_teacher_completions(tmp_path_factory):
     assert run2.host["seq_kd_cache"]["hit"] is True
     assert [e.completion_ids for e in run2.batcher.data] == [e.completion_ids for e in run.batcher.data]
     tr.close(run2)
+
+
+def test_length_sorted_batches_keep_each_prompts_completion(teacher):
+    """Prompts of lengths across several pad buckets, batched shortest first: each completion still equals the
+    prompt generated alone, in the prompts' own order."""
+    policy = PolicyConfig(temperature=0.0, max_new_tokens=4, eos_ids=(EOS,))
+    rng = np.random.RandomState(3)
+    prompts = [tuple(rng.randint(3, teacher.config.vocab_size, k).tolist()) for k in (40, 3, 70, 5, 33, 2)]
+    got = seqkd.generate(teacher.params, teacher.config, prompts, policy, seed=0, batch_size=2)
+    fn = sampling.make_sample_fn(teacher.config, 4, sampling.GREEDY, (EOS,), 0)
+    for p, c in zip(prompts, got):
+        out = fn(teacher.params, *sampling.left_pad([p], len(p)), jax.random.key(0))
+        assert c == tuple(np.asarray(out.tokens_BxN)[0, :int(out.lengths_B[0])].tolist())
