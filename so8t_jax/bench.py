@@ -243,14 +243,19 @@ def _memory(device_peak: int | None, kind: str) -> dict:
             "memory_kind": "process peak RSS"}
 
 
+def _ours_loss_config(args) -> objective.LossConfig:
+    """The trainer's defaults for the loss chunk size and the student's rematerialisation (or --remat), computing
+    in --dtype as TRL's side does: decided once, for the step and for the row that reports it."""
+    return objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"], compute_dtype=args.dtype,
+                                remat=args.remat or objective.LossConfig().remat)
+
+
 def _ours_inputs(args, lmbda: float, abstract: bool = False):
-    """(step, state, teacher, batch, key) of our compare step: make_step with the trainer's defaults for the loss
-    chunk size and the student's rematerialisation (or --remat), computing in --dtype as TRL's side does;
+    """(step, state, teacher, batch, key) of our compare step: make_step with _ours_loss_config;
     abstract: weights and state as jax.ShapeDtypeStructs (nothing allocated)."""
     t_cfg, s_cfg = compare_configs(args)
     dtype = as_dtype(args.dtype)
-    loss_cfg = objective.LossConfig(divergence="jsd", jsd_beta=_GKD["beta"], compute_dtype=args.dtype,
-                                    remat=args.remat or objective.LossConfig().remat)
+    loss_cfg = _ours_loss_config(args)
     policy = completions.PolicyConfig(lmbda=lmbda, temperature=_GKD["temperature"], max_new_tokens=args.new)
     step, optimizer = train_step.make_step(s_cfg, t_cfg, loss_cfg, optim.OptimConfig(total_steps=_STEPS, **_OPTIM),
                                            policy=policy)
@@ -266,6 +271,7 @@ def _ours_measure(args, lmbda: float) -> dict:
     """Our step as the trainer runs it (make_step under placement.jit_step: jit, state donated), compiled once,
     timed on the compare batch; its traced program's FLOPs and the compiled step's memory."""
     step, state, teacher, batch, key = _ours_inputs(args, lmbda)
+    loss_cfg = _ours_loss_config(args)
     program = flops.program_flops(step, state, teacher, batch, key, while_trips=args.new - 1)
     compiled = placement.jit_step(step).lower(state, teacher, batch, key).compile()
     state = [state]
@@ -276,8 +282,7 @@ def _ours_measure(args, lmbda: float) -> dict:
     seconds = _median_time(run, args.repeats)
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     return {"seconds": seconds, **_memory(peak, "jax peak_bytes_in_use"), **compiled_stats(compiled),
-            "program_flops": program, "loss_chunk": objective.LossConfig().chunk_size,
-            "remat": args.remat or objective.LossConfig().remat, **machine()}
+            "program_flops": program, "loss_chunk": loss_cfg.chunk_size, "remat": loss_cfg.remat, **machine()}
 
 
 def bench_flops(args):

@@ -5,7 +5,8 @@ before / after) on prompts from a source other than the training prompts; docs/R
 
 Recipes (all from configs/gkd.py's teacher, student and data, differing only in where completions come from):
 kd (offline: the dataset's completions, forward KL), gkd (JSD beta 0.5 with the lmbda schedule: offline first,
-then half on-policy), on_policy (lmbda 1 from the start), seq_kd (the teacher's cached completions). "Gap closed"
+then half on-policy), on_policy (lmbda 1 from the start), seq_kd (the teacher's cached completions), gkd_seq_kd
+(gkd whose offline steps use the teacher's cached completions). "Gap closed"
 is the fraction of the before -> teacher distance the training covered: KL (teacher 0), top-1 (teacher 1),
 greedy-match (the teacher's own completion length would be a full match; reported as tokens).
 """
@@ -26,6 +27,10 @@ RECIPES = {
             "policy.lmbda_start": 0.0, "policy.lmbda_ramp": 0.5, "policy.seq_kd": False},
     "on_policy": {"loss.divergence": "jsd", "loss.jsd_beta": 0.5, "policy.lmbda": 1.0, "policy.seq_kd": False},
     "seq_kd": {"loss.divergence": "forward_kl", "policy.lmbda": 0.0, "policy.seq_kd": True},
+    # gkd whose offline steps train on the teacher's cached completions instead of the dataset's
+    "gkd_seq_kd": {"loss.divergence": "jsd", "loss.jsd_beta": 0.5, "policy.lmbda": 0.5,
+                   "policy.lmbda_schedule": "linear", "policy.lmbda_start": 0.0, "policy.lmbda_ramp": 0.5,
+                   "policy.seq_kd": True},
 }
 # per budget: config overrides shared by every recipe, and evaluation rows
 BUDGETS = {

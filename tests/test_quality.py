@@ -36,13 +36,15 @@ def test_recipes_differ_only_in_the_completion_source(tmp_path):
         assert c.train.steps == 150 and c.policy.max_new_tokens == 64 and c.run_name == f"quality-cpu-{name}"
     assert configs["kd"].policy.lmbda == 0 and configs["on_policy"].policy.lmbda == 1.0
     assert configs["gkd"].policy.lmbda_schedule == "linear" and configs["seq_kd"].policy.seq_kd
+    gkd, gkd_seq = flat["gkd"], flat["gkd_seq_kd"]  # the same recipe but for where offline completions come from
+    assert gkd_seq["policy"] == {**gkd["policy"], "seq_kd": True} and gkd_seq["loss"] == gkd["loss"]
     assert flat["kd"]["student"] == flat["gkd"]["student"] and flat["kd"]["data"] == flat["seq_kd"]["data"]
     # teacher-written prompts have no completions: the recipes with offline steps train on the teacher's
     base = get_config()
     base.data.source = "teacher:64"
     written = {name: quality.recipe_config(base.copy_and_resolve_references(), name, "cpu", tmp_path)
                for name in quality.RECIPES}
-    assert [name for name, c in written.items() if c.policy.seq_kd] == ["kd", "gkd", "seq_kd"]
+    assert [name for name, c in written.items() if c.policy.seq_kd] == ["kd", "gkd", "seq_kd", "gkd_seq_kd"]
 
 
 def test_results_section_is_replaced_and_the_rest_kept():
