@@ -1,20 +1,16 @@
 """Generation: one prefill forward into a preallocated KV cache, then a `lax.while_loop` decode (each step reads the
 cache in place and writes only its token's slot: model.forward's decode path).
 
-Token selection is a frozen (hashable, so jit-static) `Sampler(temperature, top_k, top_p, min_p)` built from
-three standalone pure filters that set excluded logits to -inf. The order is transformers': temperature,
-then top-k, top-p, min-p, each applied to what the previous one left. temperature 0 is greedy (argmax).
+Token selection: a frozen (jit-static) `Sampler(temperature, top_k, top_p, min_p)`; pure filters set excluded
+logits to -inf in transformers' order (temperature, top-k, top-p, min-p); temperature 0 is greedy (argmax).
 
-`sample` is a pure function meant to be jitted with (cfg, max_new_tokens, sampler, eos_ids, pad_id) static
-(`make_sample_fn` does that), so a train step can call it with no host round trip. Prompts are LEFT-padded
-(mask 0 on the left, at least one real token per row); positions are cumsum(mask) - 1. The cache holds
-P + max_new_tokens slots. The loop stops once every row has emitted an end-of-sequence id (any of
-`eos_ids`) or after max_new_tokens; rows already done emit pad_id. Step i samples with
-fold_in(key, i), so a fixed key reproduces the same tokens.
+`sample`: pure, jitted with (cfg, max_new_tokens, sampler, eos_ids, pad_id) static (`make_sample_fn`), so a train
+step calls it with no host round trip. Prompts are LEFT-padded (at least one real token a row); positions are
+cumsum(mask) - 1; the cache holds P + max_new_tokens slots. Rows stop at any of `eos_ids` (then emit pad_id) or
+after max_new_tokens. Step i samples with fold_in(key, i): a fixed key reproduces the same tokens.
 
-`generate(model, prompts, ...)` is the host-side convenience: it encodes, left-pads to a bucketed length,
-runs the compiled sampler and decodes the completions to text; with return_judgments=True (a model carrying
-SO8T heads) it also returns the safety head's judgment of each prompt and the verifier's per-token confidence.
+`generate(model, prompts, ...)`: encode, left-pad to a bucket, sample, decode to text; return_judgments=True (SO8T
+heads) adds the safety head's judgment of each prompt and the verifier's per-token confidence.
 """
 from __future__ import annotations
 
@@ -88,15 +84,12 @@ def min_p_filter(logits_BxV, p: float):
 
 
 def inverse_cdf_draw(u_B, logits_BxV):
-    """Token r drawn from softmax(logits_BxV[r]) by one uniform u_B[r] in [0, 1): the first index whose float32
-    cumulative probability exceeds u * total. jax.random.categorical's Gumbel-max needs a random number per
-    vocabulary entry (49k per token, most of a CPU decode step's sampling time); this needs one. -inf logits
-    have probability 0 and are never drawn; a probability is honoured to about one float32 ulp of the running
-    sum (~6e-8), as fine as an fp32 uniform resolves anyway."""
+    """Row r's token from softmax(logits_BxV[r]) by one uniform u_B[r] in [0, 1): the first index whose float32
+    cumulative probability exceeds u * total (jax.random.categorical's Gumbel-max needs 49k random numbers a token,
+    most of a CPU decode step's draw). -inf logits are never drawn; probabilities hold to ~1 fp32 ulp (6e-8)."""
     probs_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
     cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
     target_Bx1 = (u_B.astype(jnp.float32) * cdf_BxV[:, -1])[:, None]
-    # the last entry with positive probability has cdf == total > target, so the count stops at or before it
     return jnp.minimum(jnp.sum(cdf_BxV <= target_Bx1, axis=-1), logits_BxV.shape[-1] - 1).astype(jnp.int32)
 
 
@@ -147,7 +140,6 @@ class Sampler:
 GREEDY = Sampler()
 
 
-# ----------------------------------------------------------------------------------------------------------
 # the compiled sampler
 
 
@@ -262,7 +254,6 @@ def make_sample_fn(cfg: ModelConfig, max_new_tokens: int, sampler: Sampler = GRE
                       sampler=sampler, eos_ids=tuple(eos_ids), pad_id=int(pad_id), cache_dtype=cache_dtype,
                       return_logits=return_logits)
     return jax.jit(fn)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # host-side convenience
