@@ -27,11 +27,9 @@ RECIPES = {
             "policy.lmbda_start": 0.0, "policy.lmbda_ramp": 0.5, "policy.seq_kd": False},
     "on_policy": {"loss.divergence": "jsd", "loss.jsd_beta": 0.5, "policy.lmbda": 1.0, "policy.seq_kd": False},
     "seq_kd": {"loss.divergence": "forward_kl", "policy.lmbda": 0.0, "policy.seq_kd": True},
-    # gkd whose offline steps train on the teacher's cached completions instead of the dataset's
-    "gkd_seq_kd": {"loss.divergence": "jsd", "loss.jsd_beta": 0.5, "policy.lmbda": 0.5,
-                   "policy.lmbda_schedule": "linear", "policy.lmbda_start": 0.0, "policy.lmbda_ramp": 0.5,
-                   "policy.seq_kd": True},
 }
+# gkd whose offline steps train on the teacher's cached completions instead of the dataset's
+RECIPES["gkd_seq_kd"] = {**RECIPES["gkd"], "policy.seq_kd": True}
 # per budget: config overrides shared by every recipe, and evaluation rows
 BUDGETS = {
     "smoke": ({"student.layers": 2, "data.source": "builtin:diverse:24", "train.steps": 2, "train.batch_size": 4,
